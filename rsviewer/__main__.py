@@ -1,0 +1,5 @@
+import sys
+
+from rsviewer.cli.main import main
+
+sys.exit(main())

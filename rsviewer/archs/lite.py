@@ -1,0 +1,160 @@
+"""``lite`` — the default model: a dual encoder small enough for a 2-core CPU.
+
+Image: EfficientNet-Lite (frozen, ImageNet) → multi-scale pooling (mean and max of the
+stride-32 head map, mean of the stride-16 map) → MLP → unit vector.
+Text: MiniLM-L6 (frozen lower layers; the top ``text_train_layers`` fine-tuned) → masked
+mean pooling → MLP → unit vector. Score = cosine.
+
+What improves on a linear probe (each measured on UCM val, see docs/results.md):
+- an MLP head instead of a linear one;
+- pooling over two scales, with max pooling for small objects (planes, tanks);
+- dihedral augmentation (8 cached views of every training image);
+- label-aware soft InfoNCE targets (``label_alpha``): UCM captions are templated and
+  repeat across images of a class, so identical captions are never pushed apart;
+- optionally fine-tuning the top MiniLM layers.
+
+For explanations the model also gives *local* embeddings: the same head applied to
+every position of the feature grid (``local_embeddings``), i.e. patch similarity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nets.factory import create_backbone
+from ..nets.text import TextEncoder, mean_pool
+from ..train.losses import contrastive_loss
+from .base import BaseConfig, RetrievalModel, l2n
+from .registry import register
+
+
+@dataclass
+class LiteConfig(BaseConfig):
+    pool: str = "mean_max_s16"  # "mean" (s32 mean only) | "mean_max" | "mean_max_s16"
+    head: str = "mlp"  # "linear" | "mlp"
+    hidden: int = 1024
+    dropout: float = 0.2
+    text_train_layers: int = 0  # top MiniLM layers fine-tuned (0: frozen text encoder)
+    loss: str = "infonce"  # "infonce" | "triplet" | "both"
+    label_alpha: float = 0.5  # weight of same-scene-label soft positives in InfoNCE
+    margin: float = 0.2  # triplet margin
+    temperature: float = 0.05  # initial; learned
+
+
+def make_head(din: int, dout: int, kind: str, hidden: int, dropout: float) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.LayerNorm(din), nn.Linear(din, dout))
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.LayerNorm(din), nn.Linear(din, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dout)
+        )
+    raise ValueError(f"unknown head {kind!r}; use linear or mlp")
+
+
+@register
+class Lite(RetrievalModel):
+    arch = "lite"
+    Config = LiteConfig
+    feature_keys = {
+        "image": ("image_backbone", "image_weights", "image_size", "pool"),
+        "text": ("text_weights", "max_tokens", "text_train_layers"),
+    }
+
+    def __init__(self, cfg: LiteConfig, extra=None):
+        super().__init__(cfg, extra)
+        self.backbone, bref = create_backbone(cfg.image_backbone, cfg.image_weights)
+        self.text = TextEncoder(cfg.text_weights, cfg.max_tokens)
+        self.bases = {"backbone": bref, "text": self.text.weights_ref}
+        self.mean, self.std = self.backbone.mean, self.backbone.std
+        n_text = self.text.num_layers
+        k = max(0, min(cfg.text_train_layers, n_text))
+        self.text_prefix = n_text - k
+        self.finetuned = [f"text.bert.encoder.layer.{i}." for i in range(self.text_prefix, n_text)]
+        c32 = self.backbone.num_features
+        c16 = self.backbone.feature_info[1].channels
+        din = {"mean": c32, "mean_max": 2 * c32, "mean_max_s16": 2 * c32 + c16}.get(cfg.pool)
+        if din is None:
+            raise ValueError(f"unknown pool {cfg.pool!r}")
+        self.image_proj = make_head(din, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
+        self.text_proj = make_head(self.text.width, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+
+    # ---- image ----------------------------------------------------------------------------
+    def feature_maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.backbone.forward_features(pixels)
+
+    def pool(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        s32 = maps["s32"]
+        parts = [s32.mean((2, 3))]
+        if self.cfg.pool in ("mean_max", "mean_max_s16"):
+            parts.append(s32.amax((2, 3)))
+        if self.cfg.pool == "mean_max_s16":
+            parts.append(maps["s16"].mean((2, 3)))
+        return torch.cat(parts, 1)
+
+    def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pooled": self.pool(self.feature_maps(pixels))}
+
+    def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return l2n(self.image_proj(feats["pooled"]))
+
+    def local_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w): the head applied at every stride-32 position (patch similarity).
+
+        Each position gets its own features in every pooled slot (mean and max of one
+        location are that location), so these are the embeddings of single cells.
+        """
+        maps = self.feature_maps(pixels)
+        s32 = maps["s32"]
+        parts = [s32]
+        if self.cfg.pool in ("mean_max", "mean_max_s16"):
+            parts.append(s32)
+        if self.cfg.pool == "mean_max_s16":
+            parts.append(F.adaptive_avg_pool2d(maps["s16"], s32.shape[-2:]))
+        x = torch.cat(parts, 1)
+        b, c, h, w = x.shape
+        emb = l2n(self.image_proj(x.permute(0, 2, 3, 1).reshape(-1, c)))
+        return emb.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    # ---- text -----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.text.tokenize(texts)
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mask = tokens["attention_mask"]
+        hidden = self.text.embed_prefix(tokens["input_ids"], mask, self.text_prefix)
+        if self.text_prefix == self.text.num_layers:
+            return {"pooled": mean_pool(hidden, mask)}  # fully frozen: cache the sentence vector
+        return {"hidden": hidden, "mask": mask}
+
+    def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "pooled" in feats:
+            return l2n(self.text_proj(feats["pooled"]))
+        mask = feats["mask"]
+        hidden = self.text.forward_layers(feats["hidden"], mask, self.text_prefix)
+        return l2n(self.text_proj(mean_pool(hidden, mask)))
+
+    # ---- training ---------------------------------------------------------------------------
+    def training_loss(self, batch):
+        img = self.image_head(batch["image_feats"])
+        txt = self.text_head(batch["text_feats"])
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        return contrastive_loss(img, txt, batch, self.cfg.loss, scale, self.cfg.label_alpha, self.cfg.margin)
+
+    # ---- explanations ---------------------------------------------------------------------
+    def gradcam_layers(self) -> dict[str, nn.Module]:
+        bb = self.backbone
+        if hasattr(bb, "_conv_head"):  # EfficientNet-Lite: head conv (stride 32), last block, stride-16 block
+            return {
+                "backbone.head": bb._bn1,
+                "backbone.s32": bb._blocks[bb.feature_info[2].block_index],
+                "backbone.s16": bb._blocks[bb.feature_info[1].block_index],
+            }
+        if hasattr(bb, "layer4"):
+            return {"backbone.layer4": bb.layer4, "backbone.layer3": bb.layer3}
+        return {}

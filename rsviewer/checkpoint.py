@@ -1,0 +1,196 @@
+"""The one checkpoint format: a model folder (SPEC §9).
+
+    models/NAME/
+      config.json        {"format", "arch", "config", "bases", "finetuned", "fingerprint", ...}
+      model.safetensors  trained tensors only (frozen pretrained bases are referenced in
+                         config.json by package/path and sha256, never copied)
+      metrics.json       how it was trained: data, split, command, seed, device, val numbers
+
+Loading rebuilds the architecture from ``config.json`` through the registry (which
+loads and verifies the bases), then loads the trained tensors strictly. Writes are
+atomic (a folder swap), so an interrupted save never corrupts an existing model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .archs.base import RetrievalModel
+from .archs.registry import arch_class
+from .errors import ModelError
+from .nets.weights import WeightsRef, resolve_ref
+from .utils.atomic import atomic_dir, write_json
+
+FORMAT = "rsviewer-model/1"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"
+
+# where `--model NAME` looks: $RSVIEWER_MODELS, then ./models, then the models/ shipped
+# next to the package (a source checkout or an editable install)
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "default"
+
+
+def model_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("RSVIEWER_MODELS"):
+        dirs += [Path(p) for p in os.environ["RSVIEWER_MODELS"].split(os.pathsep) if p]
+    dirs += [Path.cwd() / "models", PACKAGE_ROOT / "models"]
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """``default`` | ``NAME`` (looked up in :func:`model_dirs`) | a folder path."""
+    s = str(spec)
+    p = Path(s).expanduser()
+    if p.is_dir() and (p / CONFIG).exists():
+        return p
+    if os.sep not in s and "/" not in s:
+        for d in model_dirs():
+            cand = d / s
+            if (cand / CONFIG).exists():
+                return cand
+    if p.exists() and p.is_dir():
+        raise ModelError(f"{p} is not a model folder (no {CONFIG})")
+    names = sorted({c.name for d in model_dirs() if d.is_dir() for c in d.iterdir() if (c / CONFIG).exists()})
+    raise ModelError(f"model {s!r} not found; available: {', '.join(names) or 'none'}")
+
+
+def list_models() -> list[Path]:
+    seen: dict[str, Path] = {}
+    for d in model_dirs():
+        if d.is_dir():
+            for c in sorted(d.iterdir()):
+                if (c / CONFIG).exists() and c.name not in seen:
+                    seen[c.name] = c
+    return list(seen.values())
+
+
+def _fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def save_model(
+    model: RetrievalModel,
+    folder: str | os.PathLike,
+    metrics: Optional[dict[str, Any]] = None,
+    extra_files: Optional[dict[str, bytes]] = None,
+) -> Path:
+    """Write ``model`` to ``folder`` atomically; returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = model.trained_state_dict()
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "arch": model.arch})
+        cfg = {
+            "format": FORMAT,
+            "arch": model.arch,
+            "config": model.cfg.to_dict(),
+            "bases": {k: (v.to_json() if v else None) for k, v in model.bases.items()},
+            "finetuned": list(model.finetuned),
+            "embed_dim": model.embed_dim,
+            "image_size": model.image_size,
+            "pairwise": model.pairwise,
+            "parameters": model.parameter_counts(),
+            "fingerprint": _fingerprint(tmp / WEIGHTS),
+        }
+        extra = model.extra_config()
+        if extra is not None:
+            cfg["extra"] = extra
+        write_json(tmp / CONFIG, cfg)
+        if metrics is not None:
+            write_json(tmp / METRICS, metrics)
+        elif (folder / METRICS).exists():
+            (tmp / METRICS).write_bytes((folder / METRICS).read_bytes())
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{folder} is not a model folder (no {CONFIG})") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON (line {e.lineno})") from None
+    if cfg.get("format") != FORMAT or "arch" not in cfg:
+        raise ModelError(f"{path} is not an rsviewer model config (format {cfg.get('format')!r})")
+    return cfg
+
+
+def read_metrics(folder: str | os.PathLike) -> dict:
+    p = Path(folder) / METRICS
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    return read_config(folder)["fingerprint"]
+
+
+def build_from_config(cfg: dict) -> RetrievalModel:
+    cls = arch_class(cfg["arch"])
+    try:
+        conf = cls.Config.from_dict(cfg["config"])
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"config does not fit architecture {cfg['arch']}: {e}") from e
+    model = cls(conf, extra=cfg.get("extra"))
+    # the bases were loaded by the constructor; check they are the ones trained with
+    for prefix, ref in cfg.get("bases", {}).items():
+        if ref:
+            resolve_ref(WeightsRef.from_json(ref), verify=True)
+    return model
+
+
+def load_model(
+    spec: str | os.PathLike = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    expect_arch: Optional[str] = None,
+) -> RetrievalModel:
+    """Load a model folder (``default``, a name under models/, or a path) ready for inference."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = resolve_model_dir(spec)
+    cfg = read_config(folder)
+    if expect_arch and cfg["arch"] != expect_arch:
+        raise ModelError(f"{folder.name} is a {cfg['arch']} model, not {expect_arch}")
+    model = build_from_config(cfg)
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no {WEIGHTS}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{folder / WEIGHTS} is corrupt: {str(e).splitlines()[0][:160]}") from None
+    expected = model.trained_state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelError(
+            f"{folder.name}: weights do not match a {cfg['arch']} model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[:2]})"
+        )
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ModelError(f"{folder.name}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
+    model.model_dir = folder  # type: ignore[attr-defined]
+    model.fingerprint = cfg["fingerprint"]  # type: ignore[attr-defined]
+    model.name = folder.name  # type: ignore[attr-defined]
+    return model.to(device).eval()

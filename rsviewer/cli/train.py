@@ -1,0 +1,73 @@
+"""rsviewer train --arch NAME --data JSON --out models/NAME"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+from .common import add_json_arg, emit, progress_bar
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (select on val; the test split is never read)")
+    p.add_argument("--arch", required=True, help="lite | galr | mssa | cmpagl | cmer")
+    p.add_argument("--data", required=True, help="dataset (Karpathy JSON, precomp folder, CSV)")
+    p.add_argument("--images", default=None, help="image folder (default: next to the dataset)")
+    p.add_argument("--out", required=True, help="output model folder, e.g. models/my-model")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--views", type=int, default=None, help="dihedral augmentations per image (1-8)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--loss", default=None, help="lite: infonce | triplet | both")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture hyper-parameter (JSON value), e.g. --set embed_dim=512; repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--no-cache", action="store_true", help="do not read/write the feature cache")
+    p.add_argument("--max-train-images", type=int, default=None, help="train on a random subset (quick runs)")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    from ..errors import RsviewerError
+
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise RsviewerError(f"--set expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def run(args) -> int:
+    from ..archs.registry import arch_class
+    from ..train.trainer import TrainConfig, train
+
+    cls = arch_class(args.arch)
+    defaults = dict(getattr(cls, "train_defaults", {}))
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed"):
+        v = getattr(args, key)
+        if v is not None:
+            defaults[key] = v
+    defaults["device"] = args.device
+    defaults["cache"] = not args.no_cache
+    defaults["max_train_images"] = args.max_train_images
+    model_cfg = _parse_sets(args.set)
+    if args.loss:
+        model_cfg["loss"] = args.loss
+    command = "rsviewer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    res = train(
+        args.arch, args.data, args.out, images=args.images, model_config=model_cfg,
+        config=TrainConfig.from_dict(defaults), resume=args.resume,
+        progress=progress_bar(args), log=(lambda m: None) if args.quiet else None, command=command,
+    )
+    summary = {"out": str(res.out), "best_epoch": res.best_epoch, "val": res.val, "seconds": round(res.seconds, 1)}
+    emit(args, summary, f"saved {res.out} (best val mR {res.val.get('mR', float('nan')):.2f} at epoch {res.best_epoch})")
+    return 0

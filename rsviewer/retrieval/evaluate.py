@@ -1,0 +1,136 @@
+"""Evaluation with the field's protocol (SPEC §3), optionally reranked (SPEC §4).
+
+Image states are computed from each image alone and text states from each caption
+alone; pairwise architectures then score every (image, caption) pair. Nothing about
+an image's own captions enters its representation.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..archs.base import RetrievalModel
+from ..data import Dataset, load_dataset, load_image
+from ..utils.device import autocast
+from ..utils.progress import CancelToken, ProgressFn, check, report
+from .metrics import retrieval_metrics
+from .rerank import rerank as apply_rerank
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
+def encode_images(
+    model: RetrievalModel,
+    paths: Sequence[os.PathLike | str],
+    batch_size: int = 32,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+    message: str = "encoding images",
+) -> dict[str, torch.Tensor]:
+    """Image states for every path (CPU tensors)."""
+    device = model.device
+    parts = []
+    for s in range(0, len(paths), batch_size):
+        check(cancel)
+        pixels = model.preprocess([load_image(p) for p in paths[s : s + batch_size]]).to(device)
+        with autocast(device):
+            st = model.image_states(pixels)
+        parts.append({k: v.float().cpu() for k, v in st.items()})
+        report(progress, min(s + batch_size, len(paths)), len(paths), message)
+    return _cat(parts)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: RetrievalModel,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+) -> dict[str, torch.Tensor]:
+    device = model.device
+    parts = []
+    for s in range(0, len(texts), batch_size):
+        check(cancel)
+        with autocast(device):
+            st = model.text_states([t if t.strip() else "." for t in texts[s : s + batch_size]])
+        parts.append({k: v.float().cpu() for k, v in st.items()})
+        report(progress, min(s + batch_size, len(texts)), len(texts), "encoding captions")
+    return _cat(parts)
+
+
+@torch.no_grad()
+def similarity_matrix(
+    model: RetrievalModel, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor], chunk: int = 32
+) -> np.ndarray:
+    """(N_images, N_captions) scores; chunked over images for pairwise models."""
+    device = model.device
+    if not model.pairwise:
+        return model.score(img, txt).float().numpy()
+    n = next(iter(img.values())).shape[0]
+    tdev = {k: v.to(device) for k, v in txt.items()}
+    rows = []
+    for s in range(0, n, chunk):
+        with autocast(device):
+            rows.append(model.score({k: v[s : s + chunk].to(device) for k, v in img.items()}, tdev).float().cpu())
+    return torch.cat(rows).numpy()
+
+
+def evaluate(
+    model: RetrievalModel,
+    data: str | os.PathLike | Dataset,
+    split: str = "val",
+    rerank: str = "none",
+    images: Optional[str] = None,
+    rerank_params: Optional[dict] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+    batch_size: int = 32,
+) -> dict:
+    """The JSON result of ``rsviewer eval`` (recall values in percent)."""
+    ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
+    sub = ds.split(split)
+    sub.check_images()
+    captions, cap_image = sub.flat_captions()
+    img = encode_images(model, [it.image for it in sub.items], batch_size, progress, cancel)
+    txt = encode_texts(model, captions, progress=progress, cancel=cancel)
+    sim = similarity_matrix(model, img, txt)
+    if rerank == "none":
+        s_i2t, s_t2i = sim, sim
+    else:
+        s_i2t, s_t2i = apply_rerank(sim, rerank, **(rerank_params or {}))
+    m = retrieval_metrics(s_i2t, s_t2i, caption_image=cap_image)
+    r = lambda d: {k: round(float(d[k]), 2) for k in ("R@1", "R@5", "R@10")}  # noqa: E731
+    return {
+        "model": getattr(model, "name", model.arch),
+        "data": str(getattr(ds, "source", data)),
+        "split": split,
+        "n_images": len(sub),
+        "n_captions": len(captions),
+        "rerank": rerank,
+        "i2t": r(m["i2t"]),
+        "t2i": r(m["t2i"]),
+        "mR": round(float(m["mR"]), 2),
+    }
+
+
+def evaluate_all_reranks(model, data, split="val", images=None, progress=None, cancel=None) -> dict[str, dict]:
+    """none/MR/SMR from one encoding pass (used by the results table)."""
+    ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
+    sub = ds.split(split)
+    sub.check_images()
+    captions, cap_image = sub.flat_captions()
+    img = encode_images(model, [it.image for it in sub.items], progress=progress, cancel=cancel)
+    txt = encode_texts(model, captions, progress=progress, cancel=cancel)
+    sim = similarity_matrix(model, img, txt)
+    out = {}
+    for method in ("none", "mr", "smr"):
+        s_i2t, s_t2i = (sim, sim) if method == "none" else apply_rerank(sim, method)
+        out[method] = retrieval_metrics(s_i2t, s_t2i, caption_image=cap_image)
+    return out

@@ -1,0 +1,333 @@
+"""Training loop shared by every architecture.
+
+    rsviewer train --arch lite --data dataset_ucm.json --out models/NAME
+
+- trains on the ``train`` split, evaluates on ``val`` after every epoch and keeps the
+  checkpoint with the best val mR (model selection on val; the test split is never
+  read);
+- frozen backbones: features are cached once (``train/cache.py``), each step runs only
+  the trained heads; otherwise the full forward runs each step;
+- AdamW, linear warm-up + cosine decay, gradient clipping, fixed seed;
+- the best model is saved atomically whenever val improves, and a resumable state
+  (``train_state.pt``: optimizer, scheduler, RNG, history) after every epoch;
+  ``--resume`` continues from it; the state file is removed when training completes;
+- ``metrics.json`` records data, split, command, seed, device, epochs, wall time,
+  history and the val numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..archs.base import RetrievalModel
+from ..archs.registry import create_model
+from ..checkpoint import METRICS, load_model, save_model
+from ..data import Dataset, load_dataset
+from ..errors import DatasetError, RsviewerError
+from ..retrieval.metrics import retrieval_metrics
+from ..utils.atomic import atomic_file
+from ..utils.device import autocast, pick_device
+from ..utils.progress import CancelToken, ProgressFn, check, report
+from .cache import dihedral, gather, image_feature_cache, text_feature_cache
+
+STATE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.1  # fraction of steps
+    grad_clip: float = 5.0
+    views: int = 8  # dihedral augmentations cached per training image (1 = none)
+    seed: int = 0
+    device: str = "auto"
+    train_split: str = "train"
+    val_split: str = "val"
+    max_train_images: Optional[int] = None  # tiny runs (tests)
+    max_val_images: Optional[int] = None
+    cache: bool = True  # use the on-disk feature cache
+    eval_every: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    best_epoch: int
+    val: dict
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _lr_lambda(total: int, warmup: float):
+    w = max(1, int(total * warmup))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        p = (step - w) / max(1, total - w)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    return f
+
+
+def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(len(ds), size=n, replace=False).tolist())
+    return Dataset(ds.name, ds.source, ds.format, [ds.items[i] for i in keep], getattr(ds, "images_dir", None))
+
+
+class _Split:
+    """Captions, labels and (cached) features of one split."""
+
+    def __init__(self, ds: Dataset, label_names: list[str]):
+        self.ds = ds
+        self.captions, self.cap_image = ds.flat_captions()
+        if not self.captions:
+            raise DatasetError(f"split of {ds.name} has no captions to train on")
+        self.image_caps: list[np.ndarray] = [np.flatnonzero(self.cap_image == i) for i in range(len(ds))]
+        self.labels = np.array([label_names.index(it.label) if it.label in label_names else -1 for it in ds.items])
+        self.paths = [it.image for it in ds.items]
+        self.image_feats: Optional[dict] = None
+        self.text_feats: Optional[dict] = None
+
+
+def evaluate_cached(model: RetrievalModel, split: _Split, device, batch: int = 256) -> dict:
+    """Val metrics from cached features (view 0), full pairwise scoring for pairwise archs."""
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        n = len(split.ds)
+        img_states = [
+            model.image_states_from({k: v.to(device) for k, v in gather(split.image_feats, np.arange(s, min(s + batch, n)), np.zeros(min(s + batch, n) - s, dtype=np.int64)).items()})
+            for s in range(0, n, batch)
+        ]
+        m = len(split.captions)
+        txt_states = [
+            model.text_states_from({k: v.to(device) for k, v in gather(split.text_feats, np.arange(s, min(s + batch, m))).items()})
+            for s in range(0, m, batch)
+        ]
+        cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+        sim = score_all(model, cat(img_states), cat(txt_states))
+    return retrieval_metrics(sim, caption_image=split.cap_image)
+
+
+def score_all(model: RetrievalModel, img: dict, txt: dict, chunk: int = 64) -> np.ndarray:
+    """Full (N_images, N_captions) score matrix, chunked over images for pairwise models."""
+    if not model.pairwise:
+        return model.score(img, txt).float().cpu().numpy()
+    n = next(iter(img.values())).shape[0]
+    rows = []
+    for s in range(0, n, chunk):
+        rows.append(model.score({k: v[s : s + chunk] for k, v in img.items()}, txt).float().cpu())
+    return torch.cat(rows).numpy()
+
+
+def train(
+    arch: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    images: Optional[str] = None,
+    model_config: Optional[dict] = None,
+    config: Optional[TrainConfig] = None,
+    resume: bool = False,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+    log=None,
+    command: Optional[str] = None,
+) -> TrainResult:
+    """Train ``arch`` on the train split of ``data``; save the best-on-val model to ``out``."""
+    cfg = config or TrainConfig()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out)
+    t_start = time.time()
+    _seed_all(cfg.seed)
+    device = pick_device(cfg.device)
+
+    full = load_dataset(data, images=images)
+    train_ds = _subset(full.split(cfg.train_split), cfg.max_train_images, cfg.seed)
+    try:
+        val_ds = _subset(full.split(cfg.val_split), cfg.max_val_images, cfg.seed)
+    except DatasetError:
+        raise DatasetError(
+            f"{full.name} has no {cfg.val_split!r} split to select on; splits: {full.splits()}"
+        ) from None
+    train_ds.check_images()
+    val_ds.check_images()
+    label_names = sorted({it.label for it in train_ds.items if it.label})
+    tr, va = _Split(train_ds, label_names), _Split(val_ds, label_names)
+
+    state = None
+    if resume:
+        if not (out / STATE).exists():
+            raise RsviewerError(f"nothing to resume: {out / STATE} does not exist")
+        model = load_model(out, device="cpu", expect_arch=arch) if (out / "config.json").exists() else None
+        state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+        if model is None or state.get("arch") != arch:
+            raise RsviewerError(f"{out} holds a training state of another architecture")
+        if state.get("model_state"):
+            model.load_state_dict(state["model_state"], strict=False)  # last epoch, not best
+        model_config = state["model_config"]
+    else:
+        model = create_model(arch, **(model_config or {}))
+        model.prepare_training(tr.captions, [it.label for it in train_ds.items])
+    model.freeze_bases()
+    model.to(device)
+
+    views = cfg.views if model.cache_features else 1
+    if model.cache_features:
+        log(f"caching frozen features: {len(tr.ds)} train images × {views} views, {len(va.ds)} val images")
+        tr.image_feats = image_feature_cache(model, tr.paths, views, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
+        tr.text_feats = text_feature_cache(model, tr.captions, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
+        va.image_feats = image_feature_cache(model, va.paths, 1, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
+        va.text_feats = text_feature_cache(model, va.captions, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
+    else:
+        raise RsviewerError(f"{arch}: end-to-end training without feature caching needs a GPU run; see docs")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    steps_per_epoch = max(1, len(tr.ds) // min(cfg.batch_size, len(tr.ds)))
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup))
+    history: list[dict] = []
+    best = {"mR": -1.0, "epoch": -1, "val": {}}
+    start_epoch = 0
+    rng = np.random.default_rng(cfg.seed)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        rng = np.random.default_rng(cfg.seed + start_epoch)
+        torch.manual_seed(cfg.seed + start_epoch)
+        log(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (best val mR so far {best['mR']:.2f})")
+
+    bs = min(cfg.batch_size, len(tr.ds))
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = rng.permutation(len(tr.ds))
+        losses: list[float] = []
+        t_ep = time.time()
+        for b in range(steps_per_epoch):
+            check(cancel)
+            rows = order[b * bs : (b + 1) * bs]
+            view = rng.integers(0, views, size=len(rows))
+            cap = np.array([rng.choice(tr.image_caps[i]) for i in rows])
+            batch: dict[str, Any] = {
+                "image_feats": {k: v.to(device) for k, v in gather(tr.image_feats, rows, view).items()},
+                "text_feats": {k: v.to(device) for k, v in gather(tr.text_feats, cap).items()},
+                "image_index": torch.as_tensor(rows, device=device),
+                "label_index": torch.as_tensor(tr.labels[rows], device=device),
+                "captions": [tr.captions[c] for c in cap],
+                "epoch": epoch,
+                "step": epoch * steps_per_epoch + b,
+                "total_steps": total,
+            }
+            with autocast(device):
+                terms = model.training_loss(batch)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise RsviewerError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if hasattr(model, "after_step"):
+                model.after_step(batch)
+            losses.append(float(loss.detach()))
+            report(progress, epoch * steps_per_epoch + b + 1, total, f"epoch {epoch + 1}/{cfg.epochs}")
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - t_ep, 2)}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            val = evaluate_cached(model, va, device)
+            row["val_mR"] = round(val["mR"], 3)
+            if val["mR"] > best["mR"]:
+                best = {"mR": val["mR"], "epoch": epoch + 1, "val": val}
+                save_model(model.cpu(), out, metrics=None)
+                model.to(device)
+        history.append(row)
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f}"
+            + (f" val mR {row['val_mR']:.2f} (best {best['mR']:.2f} @ {best['epoch']})" if "val_mR" in row else "")
+        )
+        # resumable state: last-epoch weights + optimizer, scheduler, history
+        with atomic_file(out / STATE) as fh:
+            torch.save(
+                {
+                    "arch": arch,
+                    "model_config": model.cfg.to_dict(),
+                    "model_state": {k: v.cpu() for k, v in model.trained_state_dict().items()},
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "history": history,
+                    "best": best,
+                    "epoch": epoch,
+                },
+                fh,
+            )
+        _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=False)
+
+    _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=True)
+    (out / STATE).unlink(missing_ok=True)
+    return TrainResult(out, best["epoch"], best["val"], history, time.time() - t_start)
+
+
+def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final):
+    from ..utils.atomic import write_json
+
+    if not (out / "config.json").exists():
+        return
+    prev_seconds = 0.0
+    metrics = {
+        "arch": arch,
+        "data": str(data),
+        "images": str(images) if images else None,
+        "dataset": full.name,
+        "train_split": cfg.train_split,
+        "n_train_images": len(full.split(cfg.train_split)) if cfg.max_train_images is None else cfg.max_train_images,
+        "selected_on": cfg.val_split,
+        "command": command or "rsviewer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "seed": cfg.seed,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "train_config": asdict(cfg),
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "wall_seconds": round(time.time() - t_start + prev_seconds, 1),
+        "complete": final,
+        "val": best["val"],
+        "parameters": model.parameter_counts(),
+        "history": history,
+    }
+    write_json(out / METRICS, metrics)
