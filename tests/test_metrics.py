@@ -43,7 +43,9 @@ def test_hand_made_metrics():
     assert m["mR"] == pytest.approx((100 / 3 + 200 / 3 + 100 + 200 / 15 + 100 + 100) / 6)
     # 1-based: floor(median) + 1, mean + 1
     assert m["i2t"]["medR"] == 2.0 and m["i2t"]["meanR"] == pytest.approx(4.0)
-    assert m["t2i"]["medR"] == 3.0 and m["t2i"]["meanR"] == pytest.approx(22 / 15 + 1)
+    # c4 ties image 0 with image 1: expected rank 1.5 under random tie-breaking
+    assert m["t2i"]["medR"] == 3.0 and m["t2i"]["meanR"] == pytest.approx(22.5 / 15 + 1)
+    assert retrieval_metrics(HAND, ties="optimistic")["t2i"]["meanR"] == pytest.approx(22 / 15 + 1)
     assert all(isinstance(v, float) for d in (m["i2t"], m["t2i"]) for v in d.values())
     assert isinstance(m["mR"], float)
 
@@ -68,8 +70,49 @@ def test_ties_count_only_strictly_greater():
     assert t2i[0] == 1 and t2i[5] == 0 and t2i[7] == 1
     assert t2i[[1, 2, 3, 4, 6, 8, 9]].tolist() == [0] * 7
     const = np.full((4, 20), 0.3)
+    assert retrieval_metrics(const, ties="optimistic")["mR"] == 100.0
+
+
+def test_ties_default_to_expected_random_tie_breaking():
+    # A constant matrix: every order is equally likely. t2i: own image uniform over 4
+    # positions -> R@1 = 25 %. i2t: 5 own among 20 tied captions -> P(first own is
+    # first) = 5/20.
+    const = np.full((4, 20), 0.3)
     m = retrieval_metrics(const)
-    assert m["mR"] == 100.0  # the documented optimistic rule
+    assert m["t2i"]["R@1"] == pytest.approx(25.0)
+    assert m["i2t"]["R@1"] == pytest.approx(25.0)
+    # P(first own within 5 slots) = 1 - C(15, 5)/C(20, 5)
+    from math import comb
+
+    assert m["i2t"]["R@5"] == pytest.approx(100 * (1 - comb(15, 5) / comb(20, 5)))
+    assert m["t2i"]["R@5"] == pytest.approx(100.0)
+
+
+def test_expected_ties_match_monte_carlo():
+    rng = np.random.default_rng(3)
+    s = rng.integers(0, 3, (8, 40)).astype(float)
+    exact = retrieval_metrics(s)
+    ci = np.arange(40) // 5
+    runs = []
+    for _ in range(1500):
+        i2t = [np.flatnonzero(ci[np.lexsort((rng.random(40), -s[i]))] == i).min() for i in range(8)]
+        t2i = [np.flatnonzero(np.lexsort((rng.random(8), -s[:, j])) == ci[j])[0] for j in range(40)]
+        runs.append([np.mean(np.array(i2t) < 5), np.mean(np.array(t2i) < 1)])
+    mc = 100 * np.mean(runs, axis=0)
+    assert exact["i2t"]["R@5"] == pytest.approx(mc[0], abs=1.5)
+    assert exact["t2i"]["R@1"] == pytest.approx(mc[1], abs=1.5)
+
+
+def test_identical_captions_ceiling_is_below_100():
+    # SPEC §3: a model perfect except among identical strings cannot reach 100.
+    # Two images whose captions are the same string: their columns are identical.
+    s = np.zeros((2, 10))
+    s[:, :] = 0.0
+    s[0, :5] = s[1, :5] = 1.0  # image 0's captions equal image 1's strings
+    s[0, 5:] = s[1, 5:] = 1.0
+    m = retrieval_metrics(s)
+    assert m["t2i"]["R@1"] == pytest.approx(50.0)
+    assert m["mR"] < 100.0
 
 
 def test_perfect_matrix_is_100():

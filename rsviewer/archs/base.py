@@ -178,6 +178,7 @@ class RetrievalModel(nn.Module):
             "class": f"{type(self).__module__}.{type(self).__name__}",
             "side": side,
             "version": self.feature_version,
+            "cache_format": 2,  # 2: features computed in eval mode
             "bases": bases,
             "config": {k: getattr(self.cfg, k) for k in self.feature_keys.get(side, ())},
         }

@@ -10,11 +10,20 @@ The protocol is the one of the GaLR / AMFMN / MSSA evaluation code: a similarity
   N images; R@K = % of captions with rank < K.
 * mR = mean of all R@K of both directions (the six of K = 1, 5, 10 by default).
 
-Tie rule: a rank is the number of items scoring *strictly* higher ("optimistic"
-ranking). For distinct scores this equals the argsort position the field's code uses;
-with ties it is deterministic and independent of item order (an ``argsort`` position
-with ties depends on the sort algorithm and on the index order). The rerankers in
-``rerank.py`` use the same rule.
+Ties. Identical caption strings get identical embeddings, hence identical scores, and
+UCM repeats strings a lot (391 distinct among the 1,050 val captions). How ties are
+broken therefore moves the numbers by many points:
+- "optimistic" (count only strictly higher scores) lets a model that cannot tell
+  identical strings apart score 100 — it would make the metric meaningless;
+- the field's code takes an ``argsort`` position, i.e. breaks ties by the sort
+  algorithm and item order — arbitrary;
+- SPEC §3's ceiling (a model perfect except among identical strings scores mR 70.36 on
+  UCM test) is the *expected* score under uniform random tie-breaking.
+``retrieval_metrics`` therefore reports, by default (``ties="random"``), the exact
+expected R@K under uniform random tie-breaking — computed in closed form, no sampling,
+so it is deterministic. ``ties="optimistic"`` keeps the strictly-greater rule.
+``ranks_i2t``/``ranks_t2i`` return the strictly-greater (optimistic) integer ranks;
+the rerankers use that rule for positions.
 
 Ranks are computed by comparing each row (column) against the score of its own
 item, ``(sim > own[:, None]).sum(1)``, in chunks, so memory stays at a few tens of MB
@@ -152,6 +161,71 @@ def ranks_t2i(sim, caption_image=None) -> np.ndarray:
     return ranks
 
 
+def _tie_counts_i2t(s: np.ndarray, ci: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: g = captions strictly above its best own caption, a = own captions tied
+    at that best score, b = foreign captions tied at it."""
+    n, m = s.shape
+    own_scores = s[ci, np.arange(m)]
+    own_best = np.full(n, -np.inf, dtype=np.float64)
+    np.maximum.at(own_best, ci, own_scores)
+    a = np.bincount(ci, weights=(own_scores == own_best[ci]).astype(np.float64), minlength=n).astype(np.int64)
+    g = np.empty(n, dtype=np.int64)
+    eq = np.empty(n, dtype=np.int64)
+    step = _chunk(m)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        g[lo:hi] = (s[lo:hi] > own_best[lo:hi, None]).sum(axis=1)
+        eq[lo:hi] = (s[lo:hi] == own_best[lo:hi, None]).sum(axis=1)
+    return g, a, eq - a
+
+
+def _tie_counts_t2i(s: np.ndarray, ci: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per caption: g = images strictly above its own image, t = other images tied with it."""
+    n, m = s.shape
+    own = s[ci, np.arange(m)]
+    g = np.empty(m, dtype=np.int64)
+    t = np.empty(m, dtype=np.int64)
+    step = _chunk(n)
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        g[lo:hi] = (s[:, lo:hi] > own[None, lo:hi]).sum(axis=0)
+        t[lo:hi] = (s[:, lo:hi] == own[None, lo:hi]).sum(axis=0) - 1
+    return g, t
+
+
+def _p_first_own_within(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """P(the first of ``a`` own items lands in the first ``d`` slots of a random order of
+    a + b tied items) = 1 − C(a+b−d, a) / C(a+b, a)."""
+    n = a + b
+    d = np.clip(d, 0, None)
+    miss = np.ones(a.shape, dtype=np.float64)
+    for t in range(int(a.max()) if a.size else 0):
+        active = t < a
+        num = np.clip(n - d - t, 0, None).astype(np.float64)
+        den = np.maximum(n - t, 1).astype(np.float64)
+        miss = np.where(active, miss * num / den, miss)
+    p = 1.0 - miss
+    return np.where(d <= 0, 0.0, np.where(d > b, 1.0, p))
+
+
+def _expected_summary_i2t(s, ci, ks) -> dict:
+    g, a, b = _tie_counts_i2t(s, ci)
+    out = {f"R@{k}": float(100.0 * _p_first_own_within(a, b, k - g).mean()) for k in ks}
+    exp_rank = g + b / (a + 1.0)  # expected 0-based position of the first own caption
+    out["medR"] = float(np.floor(np.median(exp_rank)) + 1)
+    out["meanR"] = float(exp_rank.mean() + 1)
+    return out
+
+
+def _expected_summary_t2i(s, ci, ks) -> dict:
+    g, t = _tie_counts_t2i(s, ci)
+    out = {f"R@{k}": float(100.0 * np.clip((k - g) / (t + 1.0), 0.0, 1.0).mean()) for k in ks}
+    exp_rank = g + t / 2.0
+    out["medR"] = float(np.floor(np.median(exp_rank)) + 1)
+    out["meanR"] = float(exp_rank.mean() + 1)
+    return out
+
+
 def recall_at(ranks: np.ndarray, k: int) -> float:
     """Percentage of queries whose 0-based rank is < k."""
     ranks = np.asarray(ranks)
@@ -171,6 +245,7 @@ def retrieval_metrics(
     sim_t2i=None,
     caption_image=None,
     ks: Iterable[int] = (1, 5, 10),
+    ties: str = "random",
 ) -> dict:
     """R@K, medR, meanR per direction and mR, all in percent (floats, unrounded).
 
@@ -180,7 +255,12 @@ def retrieval_metrics(
 
     Returns ``{"i2t": {"R@1", "R@5", "R@10", "medR", "meanR"}, "t2i": {...},
     "mR": float}``; mR is the mean of all R@K of both directions.
+
+    ``ties``: "random" (default) — expected values under uniform random tie-breaking
+    (see the module docstring); "optimistic" — ties never count against the query.
     """
+    if ties not in ("random", "optimistic"):
+        raise RetrievalInputError(f"ties must be 'random' or 'optimistic', got {ties!r}")
     ks = tuple(ks)
     if not ks or any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
         raise RetrievalInputError(f"ks must be positive integers, got {ks!r}")
@@ -191,7 +271,11 @@ def retrieval_metrics(
         raise RetrievalInputError(f"sim_i2t {a.shape} and sim_t2i {b.shape} must have the same shape")
     n, m = a.shape
     ci = _caption_image(n, m, caption_image)
-    i2t = _summary(ranks_i2t(a, ci), ks)
-    t2i = _summary(ranks_t2i(b, ci), ks)
+    if ties == "random":
+        i2t = _expected_summary_i2t(a, ci, ks)
+        t2i = _expected_summary_t2i(b, ci, ks)
+    else:
+        i2t = _summary(ranks_i2t(a, ci), ks)
+        t2i = _summary(ranks_t2i(b, ci), ks)
     mr = float(np.mean([i2t[f"R@{k}"] for k in ks] + [t2i[f"R@{k}"] for k in ks]))
     return {"i2t": i2t, "t2i": t2i, "mR": mr}

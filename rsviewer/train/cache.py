@@ -73,6 +73,22 @@ def _stack_features(chunks: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarr
     return {k: torch.cat([c[k] for c in chunks]).numpy() for k in keys}
 
 
+class _eval_mode:
+    """Frozen features are computed in eval mode (BatchNorm running stats, no dropout):
+    a freshly built module is in train mode, and batch statistics would make every
+    cached feature depend on its batch."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was)
+
+
 def _to_storage(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().cpu()
     return t.half() if t.is_floating_point() else t
@@ -99,14 +115,15 @@ def image_feature_cache(
         return hit
     chunks: list[dict[str, torch.Tensor]] = []
     total = len(paths)
-    for start in range(0, total, batch_size):
-        check(cancel)
-        batch = model.preprocess([load_image(p) for p in paths[start : start + batch_size]]).to(device)
-        per_view = [
-            {k: _to_storage(v) for k, v in model.image_features(dihedral(batch, v)).items()} for v in range(views)
-        ]
-        chunks.append({k: torch.stack([pv[k] for pv in per_view], 1) for k in per_view[0]})
-        report(progress, min(start + batch_size, total), total, "image features")
+    with _eval_mode(model):
+        for start in range(0, total, batch_size):
+            check(cancel)
+            batch = model.preprocess([load_image(p) for p in paths[start : start + batch_size]]).to(device)
+            per_view = [
+                {k: _to_storage(v) for k, v in model.image_features(dihedral(batch, v)).items()} for v in range(views)
+            ]
+            chunks.append({k: torch.stack([pv[k] for pv in per_view], 1) for k in per_view[0]})
+            report(progress, min(start + batch_size, total), total, "image features")
     arrays = _stack_features(chunks)
     if not use_cache:
         return arrays
@@ -134,11 +151,12 @@ def text_feature_cache(
     tokens_all = model.tokenize([c if c.strip() else "." for c in captions])
     chunks: list[dict[str, torch.Tensor]] = []
     total = len(captions)
-    for start in range(0, total, batch_size):
-        check(cancel)
-        tok = {k: v[start : start + batch_size].to(device) for k, v in tokens_all.items()}
-        chunks.append({k: _to_storage(v) for k, v in model.text_features(tok).items()})
-        report(progress, min(start + batch_size, total), total, "text features")
+    with _eval_mode(model):
+        for start in range(0, total, batch_size):
+            check(cancel)
+            tok = {k: v[start : start + batch_size].to(device) for k, v in tokens_all.items()}
+            chunks.append({k: _to_storage(v) for k, v in model.text_features(tok).items()})
+            report(progress, min(start + batch_size, total), total, "text features")
     arrays = _stack_features(chunks)
     if not use_cache:
         return arrays

@@ -1,0 +1,33 @@
+"""rsviewer index --model M --data JSON|--images DIR --out INDEX"""
+from __future__ import annotations
+
+from .common import add_json_arg, add_model_arg, emit, load, progress_bar
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="embed a gallery (dataset or image folder) into an index folder")
+    add_model_arg(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset (Karpathy JSON, precomp folder, CSV)")
+    src.add_argument("--images", help="a folder of images (sub-folders become labels)")
+    p.add_argument("--image-dir", default=None, help="with --data: where the dataset's images are")
+    p.add_argument("--split", default=None, help="index one split only (default: all)")
+    p.add_argument("--skip-missing", action="store_true", help="leave out listed images that do not exist")
+    p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    p.add_argument("--batch-size", type=int, default=32)
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..retrieval.index import build_index
+
+    model = load(args)
+    source = args.data or args.images
+    idx = build_index(model, source, args.out, images=args.image_dir, split=args.split,
+                      progress=progress_bar(args), batch_size=args.batch_size, skip_missing=args.skip_missing)
+    m = idx.meta
+    emit(args, {"out": str(args.out), **m},
+         f"indexed {m['n_images']} images and {m['n_captions']} captions with {m['model']} → {args.out} "
+         f"({m['seconds']:.1f} s, {m['n_images'] / max(m['seconds'], 1e-9):.1f} images/s)")
+    return 0

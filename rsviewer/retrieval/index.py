@@ -1,0 +1,187 @@
+"""Gallery indexes: embeddings of a gallery's images (and captions) for one model.
+
+    INDEX/
+      index.json            model name, arch, fingerprint, embed_dim, counts, source, created
+      items.json            per image: id, path, label, captions
+      image_emb.npy         (N, D) float32, unit rows — memory-mapped on load
+      caption_emb.npy       (M, D) float32 — the gallery's captions (image→text search, maps)
+      caption_image.npy     (M,) int64 — caption → image row
+      image_state_<k>.npy   extra per-image states of pairwise models (stage-2 rescoring)
+
+Written in a temporary folder and swapped in (``atomic_dir``): a cancel or a full disk
+leaves the previous index intact. ``load_index(folder, model)`` refuses an index built
+by another model (fingerprint check) with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..archs.base import RetrievalModel
+from ..data import Dataset, load_dataset
+from ..errors import IndexError_, RsviewerError
+from ..utils.atomic import atomic_dir, write_json
+from ..utils.progress import CancelToken, ProgressFn
+from .evaluate import encode_images, encode_texts
+
+INDEX_FORMAT = "rsviewer-index/1"
+
+
+@dataclass
+class GalleryIndex:
+    folder: Optional[Path]
+    meta: dict
+    items: list[dict]
+    image_emb: np.ndarray  # (N, D) float32 (memmap when loaded)
+    caption_emb: np.ndarray  # (M, D)
+    caption_image: np.ndarray  # (M,)
+    image_states: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def labels(self) -> list[Optional[str]]:
+        return [it.get("label") for it in self.items]
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for it in self.items for c in it.get("captions", [])]
+
+    def path(self, i: int) -> str:
+        return self.items[i]["path"]
+
+
+def model_identity(model: RetrievalModel) -> dict:
+    return {
+        "model": getattr(model, "name", model.arch),
+        "arch": model.arch,
+        "fingerprint": getattr(model, "fingerprint", "untrained"),
+        "embed_dim": model.embed_dim,
+        "pairwise": model.pairwise,
+    }
+
+
+def check_model(index: GalleryIndex, model: RetrievalModel) -> None:
+    fp = getattr(model, "fingerprint", "untrained")
+    if index.fingerprint != fp:
+        raise IndexError_(
+            f"index {index.folder.name if index.folder else ''} was built with model "
+            f"{index.meta.get('model')!r} ({index.meta.get('arch')}, {index.fingerprint}), not with "
+            f"{getattr(model, 'name', model.arch)!r} ({fp}); rebuild it with rsviewer index"
+        )
+
+
+def build_index(
+    model: RetrievalModel,
+    data: str | os.PathLike | Dataset,
+    out: Optional[str | os.PathLike] = None,
+    images: Optional[str] = None,
+    split: Optional[str] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+    batch_size: int = 32,
+    skip_missing: bool = False,
+) -> GalleryIndex:
+    """Encode a gallery (dataset file or image folder); write it to ``out`` if given."""
+    ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
+    if split and split != "all":
+        ds = ds.split(split)
+    if skip_missing:
+        ds = Dataset(ds.name, ds.source, ds.format, [it for it in ds.items if it.image and Path(it.image).exists()],
+                     getattr(ds, "images_dir", None))
+    ds.check_images()
+    if len(ds) == 0:
+        raise RsviewerError(f"{ds.name} has no images to index")
+    t0 = time.time()
+    model.eval()
+    img = encode_images(model, [it.image for it in ds.items], batch_size, progress, cancel, "indexing images")
+    captions, cap_image = ds.flat_captions()
+    if captions:
+        txt = encode_texts(model, captions, progress=progress, cancel=cancel)["emb"].numpy()
+    else:
+        txt = np.zeros((0, model.embed_dim), np.float32)
+    emb = img.pop("emb").numpy().astype(np.float32)
+    items = [
+        {"id": it.id, "path": str(it.image), "label": it.label, "captions": list(it.captions), "split": it.split}
+        for it in ds.items
+    ]
+    meta = {
+        "format": INDEX_FORMAT,
+        **model_identity(model),
+        "source": str(ds.source),
+        "dataset": ds.name,
+        "split": split or "all",
+        "n_images": len(items),
+        "n_captions": len(captions),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.time() - t0, 2),
+    }
+    index = GalleryIndex(None, meta, items, emb, txt.astype(np.float32), cap_image.astype(np.int64),
+                         {k: v.numpy() for k, v in img.items()})
+    if out is not None:
+        save_index(index, out)
+    return index
+
+
+def save_index(index: GalleryIndex, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        np.save(tmp / "image_emb.npy", np.ascontiguousarray(index.image_emb, np.float32))
+        np.save(tmp / "caption_emb.npy", np.ascontiguousarray(index.caption_emb, np.float32))
+        np.save(tmp / "caption_image.npy", np.asarray(index.caption_image, np.int64))
+        for k, v in index.image_states.items():
+            np.save(tmp / f"image_state_{k}.npy", np.ascontiguousarray(v))
+        write_json(tmp / "items.json", index.items)
+        write_json(tmp / "index.json", index.meta)
+    index.folder = out
+    return out
+
+
+def is_index(path: str | os.PathLike) -> bool:
+    return (Path(path) / "index.json").exists()
+
+
+def load_index(folder: str | os.PathLike, model: Optional[RetrievalModel] = None, mmap: bool = True) -> GalleryIndex:
+    folder = Path(folder)
+    if not (folder / "index.json").exists():
+        raise IndexError_(f"{folder} is not an rsviewer index (no index.json); build one with rsviewer index")
+    try:
+        meta = json.loads((folder / "index.json").read_text())
+        items = json.loads((folder / "items.json").read_text())
+        mode = "r" if mmap else None
+        emb = np.load(folder / "image_emb.npy", mmap_mode=mode)
+        cap = np.load(folder / "caption_emb.npy", mmap_mode=mode)
+        cap_img = np.load(folder / "caption_image.npy")
+        states = {
+            p.stem.removeprefix("image_state_"): np.load(p, mmap_mode=mode) for p in sorted(folder.glob("image_state_*.npy"))
+        }
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise IndexError_(f"index {folder} is damaged: {str(e).splitlines()[0][:160]}") from None
+    if meta.get("format") != INDEX_FORMAT:
+        raise IndexError_(f"{folder} has index format {meta.get('format')!r}, expected {INDEX_FORMAT}")
+    if emb.shape[0] != len(items) or cap.shape[0] != cap_img.shape[0]:
+        raise IndexError_(f"index {folder} is damaged: {emb.shape[0]} embeddings for {len(items)} items")
+    index = GalleryIndex(folder, meta, items, emb, cap, cap_img, states)
+    if model is not None:
+        check_model(index, model)
+    return index
+
+
+def state_tensors(index: GalleryIndex, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Image states of ``rows`` (for pairwise stage-2 rescoring)."""
+    out = {"emb": torch.from_numpy(np.ascontiguousarray(index.image_emb[rows]))}
+    for k, v in index.image_states.items():
+        out[k] = torch.from_numpy(np.ascontiguousarray(v[rows]))
+    return out
