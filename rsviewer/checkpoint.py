@@ -106,6 +106,9 @@ def save_model(
             "embed_dim": model.embed_dim,
             "image_size": model.image_size,
             "pairwise": model.pairwise,
+            # input normalisation the model was trained with; restored on load so a
+            # changed library default can never silently change a trained model
+            "preprocess": {"mean": list(model.mean), "std": list(model.std), "image_size": model.image_size},
             "parameters": model.parameter_counts(),
             "fingerprint": _fingerprint(tmp / WEIGHTS),
         }
@@ -151,6 +154,9 @@ def build_from_config(cfg: dict) -> RetrievalModel:
     except (TypeError, ValueError) as e:
         raise ModelError(f"config does not fit architecture {cfg['arch']}: {e}") from e
     model = cls(conf, extra=cfg.get("extra"))
+    pre = cfg.get("preprocess")
+    if pre:
+        model.mean, model.std = tuple(pre["mean"]), tuple(pre["std"])
     # the bases were loaded by the constructor; check they are the ones trained with
     for prefix, ref in cfg.get("bases", {}).items():
         if ref:

@@ -31,3 +31,41 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 def needs_shared(path: Path = UCM_JSON):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")
+
+GALLERY_JSON = REPO / "assets" / "gallery" / "gallery.json"
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The shipped default model (models/default), loaded once."""
+    from rsviewer.checkpoint import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def small_gallery(tmp_path_factory):
+    """A 24-image gallery (2 per label for 12 labels) from the bundled demo gallery."""
+    import json
+
+    d = json.loads(GALLERY_JSON.read_text())
+    seen: dict[str, int] = {}
+    keep = []
+    for im in d["images"]:
+        if seen.get(im["label"], 0) < 2 and len(seen) <= 12:
+            seen[im["label"]] = seen.get(im["label"], 0) + 1
+            keep.append(im)
+        if len(keep) >= 24:
+            break
+    out = tmp_path_factory.mktemp("gallery") / "small.json"
+    out.write_text(json.dumps({"images": keep}))
+    return out, GALLERY_JSON.parent / "images"
+
+
+@pytest.fixture(scope="session")
+def small_index(default_model, small_gallery, tmp_path_factory):
+    from rsviewer.retrieval.index import build_index
+
+    data, images = small_gallery
+    out = tmp_path_factory.mktemp("index") / "idx"
+    return build_index(default_model, data, out, images=str(images))

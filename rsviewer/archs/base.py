@@ -179,6 +179,7 @@ class RetrievalModel(nn.Module):
             "side": side,
             "version": self.feature_version,
             "cache_format": 2,  # 2: features computed in eval mode
+            "normalize": [list(self.mean), list(self.std)] if side == "image" else None,
             "bases": bases,
             "config": {k: getattr(self.cfg, k) for k in self.feature_keys.get(side, ())},
         }

@@ -37,10 +37,13 @@ LITE_VARIANTS = {
     "efficientnet-lite2": (1.1, 1.2, 260),
 }
 
-# The packaged weights were trained on ImageNet with the usual mean/std (see the
-# package author's example); verified by the top-1 test in tests/test_nets.py.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The weights are ports of Google's TF EfficientNet-Lite checkpoints, whose builder
+# normalises inputs as (x − 127) / 128 (efficientnet_lite_builder.py: MEAN_RGB = 127,
+# STDDEV_RGB = 128) — not ImageNet mean/std. With ImageNet mean/std Lite0 ranks a
+# photo of a palace "bell cote"; with these constants all three variants say "palace"
+# (tests/test_nets.py).
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
 
 
 def _round_filters(c: int, width: float) -> int:
@@ -118,8 +121,8 @@ class EfficientNetLite(nn.Module):
       - ``mean``/``std``: input normalisation.
     """
 
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
+    mean = LITE_MEAN
+    std = LITE_STD
 
     def __init__(self, variant: str = "efficientnet-lite0", num_classes: int = 1000):
         super().__init__()

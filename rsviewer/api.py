@@ -1,0 +1,50 @@
+"""The Python API: the same engine the CLI and the GUI use, as plain functions.
+
+    import rsviewer as rv
+    model = rv.load_model("default")
+    index = rv.build_index(model, "assets/gallery/gallery.json", "runs/gallery-index")
+    hits = rv.search_text(model, index, "many planes parked at the airport", k=10).hits
+    print(rv.evaluate(model, "dataset_ucm.json", split="val", rerank="smr"))
+
+Every long function takes ``progress=(done, total, message) -> None`` and
+``cancel=<object with is_set()>``; user errors raise :class:`rsviewer.errors.RsviewerError`.
+"""
+from __future__ import annotations
+
+from .archs.registry import create_model, list_archs
+from .checkpoint import list_models, load_model, save_model
+from .data import load_dataset, load_image
+from .retrieval.classify import classify
+from .retrieval.evaluate import evaluate
+from .retrieval.index import build_index, load_index
+from .retrieval.metrics import retrieval_metrics
+from .retrieval.rerank import rerank
+from .retrieval.search import search_image, search_text
+from .train.trainer import TrainConfig, train
+
+__all__ = [
+    "TrainConfig", "build_index", "classify", "create_model", "evaluate", "list_archs", "list_models",
+    "load_dataset", "load_image", "load_index", "load_model", "rerank", "retrieval_metrics", "save_model",
+    "search_image", "search_text", "train", "explain", "localize", "project",
+]
+
+
+def explain(*args, **kwargs):
+    """See :func:`rsviewer.explain.explain`."""
+    from .explain import explain as _explain
+
+    return _explain(*args, **kwargs)
+
+
+def localize(*args, **kwargs):
+    """See :func:`rsviewer.localize.localize`."""
+    from .localize import localize as _localize
+
+    return _localize(*args, **kwargs)
+
+
+def project(*args, **kwargs):
+    """See :func:`rsviewer.project.project_index`."""
+    from . import project as _project
+
+    return _project.project_index(*args, **kwargs)

