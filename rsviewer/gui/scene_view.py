@@ -1,0 +1,497 @@
+"""The scene tab: a large scene with tiled pan/zoom, localization heatmap, GT polygons.
+
+Tiles come from ``rsviewer.localize.open_scene(path)`` (``read_region`` at the level of
+detail the view needs, ``thumbnail`` as the always-present base layer) and are read on a
+background pool, so panning a 10,000-px scene never blocks the GUI thread. Until the
+localize engine is importable a small Pillow reader stands in (whole image in memory,
+fine for scenes up to a few thousand pixels) and localization says it is unavailable.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from PySide6.QtCore import QObject, QPointF, QRectF, QRunnable, Qt, QThreadPool, Signal
+from PySide6.QtGui import QColor, QImage, QPainter, QPen, QPixmap, QPolygonF, QTransform
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGraphicsItem, QGraphicsPixmapItem,
+                               QGraphicsPolygonItem, QGraphicsScene, QGraphicsView, QHBoxLayout, QLabel, QLineEdit,
+                               QPushButton, QSlider, QVBoxLayout, QWidget)
+
+from ..data import load_image
+from .util import colorize, rgb_to_qimage
+
+TILE = 512
+THUMB_SIDE = 2048
+WINDOW_PRESETS = {"256, 512, 768 px (SeLo)": (256, 512, 768), "128, 256 px": (128, 256), "256 px": (256,),
+                  "512, 1024 px": (512, 1024)}
+
+
+def localize_module():
+    try:
+        mod = importlib.import_module("rsviewer.localize")
+        for name in ("open_scene", "localize"):
+            if not hasattr(mod, name):
+                return None, f"rsviewer.localize has no {name}() yet"
+        return mod, ""
+    except ImportError as e:
+        return None, f"the localize engine is not available yet ({e.name or e})"
+    except Exception as e:  # noqa: BLE001
+        return None, f"the localize engine failed to load ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+
+
+class PillowScene:
+    """Fallback reader with the ``Scene`` interface (whole image decoded once)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._im = load_image(self.path)
+        self.size = self._im.size
+
+    def read_region(self, x, y, w, h, out_size=None) -> np.ndarray:
+        x0, y0 = max(0, int(x)), max(0, int(y))
+        x1, y1 = min(self.size[0], int(x + w)), min(self.size[1], int(y + h))
+        crop = self._im.crop((x0, y0, max(x0 + 1, x1), max(y0 + 1, y1)))
+        if out_size is not None:
+            crop = crop.resize((max(1, int(out_size[0])), max(1, int(out_size[1]))), Image.BILINEAR)
+        return np.asarray(crop)
+
+    def thumbnail(self, max_side: int = 2048) -> Image.Image:
+        im = self._im.copy()
+        im.thumbnail((max_side, max_side), Image.BILINEAR)
+        return im
+
+
+def open_scene_any(path):
+    mod, _ = localize_module()
+    if mod is not None:
+        return mod.open_scene(path)
+    return PillowScene(path)
+
+
+class _TileSignals(QObject):
+    ready = Signal(object, QImage)
+
+
+class _TileJob(QRunnable):
+    def __init__(self, scene, key, rect, out, signals, gen):
+        super().__init__()
+        self.scene, self.key, self.rect, self.out, self.signals, self.gen = scene, key, rect, out, signals, gen
+
+    def run(self) -> None:
+        try:
+            x, y, w, h = self.rect
+            arr = self.scene.read_region(x, y, w, h, out_size=self.out)
+            self.signals.ready.emit((self.gen, self.key), rgb_to_qimage(arr))
+        except Exception:  # noqa: BLE001 - a tile that fails stays at thumbnail quality
+            self.signals.ready.emit((self.gen, self.key), QImage())
+
+
+class TiledSceneItem(QGraphicsItem):
+    """Draws the thumbnail, then full-detail tiles for the visible area at the view's zoom."""
+
+    def __init__(self, scene, thumb: QPixmap, pool: QThreadPool, signals: _TileSignals, gen: int):
+        super().__init__()
+        self.scene_obj = scene
+        self.W, self.H = scene.size
+        self.thumb = thumb
+        self.pool = pool
+        self.gen = gen
+        self.tiles: OrderedDict = OrderedDict()
+        self.pending: set = set()
+        self.limit = 256
+        self._sig = signals
+        self.setFlag(QGraphicsItem.ItemUsesExtendedStyleOption, True)
+
+    def boundingRect(self) -> QRectF:  # noqa: N802
+        return QRectF(0, 0, self.W, self.H)
+
+    def paint(self, p: QPainter, option, widget=None) -> None:
+        exposed = option.exposedRect.intersected(self.boundingRect())
+        p.setRenderHint(QPainter.SmoothPixmapTransform, True)
+        sx = self.thumb.width() / self.W
+        src = QRectF(exposed.x() * sx, exposed.y() * sx, exposed.width() * sx, exposed.height() * sx)
+        p.drawPixmap(exposed, self.thumb, src)
+        lod = QStyleOptionGraphicsItem_lod(option, p)
+        if lod <= sx * 1.05:
+            return  # the thumbnail is already sharper than the screen
+        f = 2 ** max(0, math.floor(math.log2(max(1e-9, 1.0 / lod))))  # scene px per tile px
+        span = TILE * f
+        tx0, ty0 = int(exposed.left() // span), int(exposed.top() // span)
+        tx1, ty1 = int(exposed.right() // span), int(exposed.bottom() // span)
+        for ty in range(ty0, ty1 + 1):
+            for tx in range(tx0, tx1 + 1):
+                key = (f, tx, ty)
+                x, y = tx * span, ty * span
+                w, h = min(span, self.W - x), min(span, self.H - y)
+                if w <= 0 or h <= 0:
+                    continue
+                pm = self.tiles.get(key)
+                if pm is None:
+                    self._request(key, (x, y, w, h), (max(1, math.ceil(w / f)), max(1, math.ceil(h / f))))
+                    continue
+                self.tiles.move_to_end(key)
+                if not pm.isNull():
+                    p.drawPixmap(QRectF(x, y, w, h), pm, QRectF(0, 0, pm.width(), pm.height()))
+
+    def _request(self, key, rect, out) -> None:
+        if key in self.pending:
+            return
+        self.pending.add(key)
+        self.pool.start(_TileJob(self.scene_obj, key, rect, out, self._sig, self.gen))
+
+    def tile_ready(self, key, img: QImage) -> None:
+        self.pending.discard(key)
+        self.tiles[key] = QPixmap.fromImage(img)
+        while len(self.tiles) > self.limit:
+            self.tiles.popitem(last=False)
+        f, tx, ty = key
+        span = TILE * f
+        self.update(QRectF(tx * span, ty * span, span, span))
+
+    def loading(self) -> int:
+        return len(self.pending)
+
+
+def QStyleOptionGraphicsItem_lod(option, painter) -> float:  # noqa: N802
+    return option.levelOfDetailFromTransform(painter.worldTransform())
+
+
+class SceneGraphicsView(QGraphicsView):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setDragMode(QGraphicsView.ScrollHandDrag)
+        self.setTransformationAnchor(QGraphicsView.AnchorUnderMouse)
+        self.setResizeAnchor(QGraphicsView.AnchorViewCenter)
+        self.setRenderHints(QPainter.SmoothPixmapTransform | QPainter.Antialiasing)
+        self.setViewportUpdateMode(QGraphicsView.SmartViewportUpdate)
+        self.setBackgroundBrush(QColor("#111827"))
+        self.setAcceptDrops(False)
+        self.viewport().setAcceptDrops(False)
+        self.auto_fit = True  # keep the scene fitted until the user zooms
+
+    def wheelEvent(self, e):  # noqa: N802
+        factor = 1.25 if e.angleDelta().y() > 0 else 0.8
+        self.zoom(factor)
+
+    def zoom(self, factor: float) -> None:
+        s = self.transform().m11() * factor
+        if 1e-3 < s < 16:
+            self.auto_fit = False
+            self.scale(factor, factor)
+
+    def fit(self) -> None:
+        self.auto_fit = True
+        if self.scene() is not None and not self.scene().sceneRect().isEmpty():
+            self.fitInView(self.scene().sceneRect(), Qt.KeepAspectRatio)
+
+    def resizeEvent(self, e):  # noqa: N802
+        super().resizeEvent(e)
+        if self.auto_fit:
+            self.fit()
+
+    def showEvent(self, e):  # noqa: N802
+        super().showEvent(e)
+        if self.auto_fit:
+            self.fit()
+
+
+class SceneWidget(QWidget):
+    def __init__(self, jobs, parent=None):
+        super().__init__(parent)
+        self.jobs = jobs
+        self.model = None
+        self.scene_obj = None
+        self.scene_path: Optional[Path] = None
+        self.item: Optional[TiledSceneItem] = None
+        self.thumb_rgb: Optional[np.ndarray] = None
+        self.result = None
+        self.heat_item: Optional[QGraphicsPixmapItem] = None
+        self.poly_items: list = []
+        self.anno: list[dict] = []
+        self.metrics: Optional[dict] = None
+        self._gen = 0
+        self.pool = QThreadPool(self)
+        self.pool.setMaxThreadCount(2)
+        self.tile_signals = _TileSignals()
+        self.tile_signals.ready.connect(self._tile_ready)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 8, 8, 8)
+        top = QHBoxLayout()
+        self.open_button = QPushButton("Open scene…")
+        self.open_button.clicked.connect(self._open_dialog)
+        self.anno_button = QPushButton("Open anno.json…")
+        self.anno_button.clicked.connect(self._anno_dialog)
+        self.query = QLineEdit()
+        self.query.setPlaceholderText("where is… e.g. a parking lot with many cars")
+        self.query.setClearButtonEnabled(True)
+        self.query.setAcceptDrops(False)
+        self.query.returnPressed.connect(self.run_localize)
+        self.windows = QComboBox()
+        self.windows.addItems(list(WINDOW_PRESETS))
+        self.windows.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.windows.setMinimumContentsLength(22)
+        self.windows.setToolTip("Sliding-window sizes in scene pixels (two grids each)")
+        self.loc_button = QPushButton("Localize")
+        self.loc_button.setObjectName("primary")
+        self.loc_button.clicked.connect(self.run_localize)
+        top.addWidget(self.open_button)
+        top.addWidget(self.anno_button)
+        top.addWidget(self.query, 1)
+        top.addWidget(self.loc_button)
+        lay.addLayout(top)
+        second = QHBoxLayout()
+        self.anno_combo = QComboBox()
+        self.anno_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.anno_combo.setMinimumContentsLength(16)
+        self.anno_combo.setToolTip("Annotated queries of this scene (ground-truth polygons)")
+        self.anno_combo.activated.connect(self._anno_chosen)
+        self.anno_combo.setVisible(False)
+        self.overlay_check = QCheckBox("Overlay (O)")
+        self.overlay_check.setChecked(True)
+        self.overlay_check.toggled.connect(self._overlay_visible)
+        self.opacity = QSlider(Qt.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(55)
+        self.opacity.setFixedWidth(110)
+        self.opacity.valueChanged.connect(lambda v: self.heat_item and self.heat_item.setOpacity(v / 100))
+        self.fit_button = QPushButton("Fit")
+        self.fit_button.clicked.connect(lambda: self.view.fit())
+        self.save_button = QPushButton("Save overlay…")
+        self.save_button.clicked.connect(self._save_dialog)
+        self.save_button.setEnabled(False)
+        second.addWidget(self.anno_combo, 1)
+        second.addWidget(QLabel("Windows"))
+        second.addWidget(self.windows)
+        lay.addLayout(second)
+        third = QHBoxLayout()
+        third.addWidget(self.overlay_check)
+        third.addWidget(QLabel("Opacity"))
+        third.addWidget(self.opacity)
+        third.addStretch(1)
+        third.addWidget(self.fit_button)
+        third.addWidget(self.save_button)
+        lay.addLayout(third)
+        self.info = QLabel("Open a large scene (or drop one on this tab), type a sentence and press Localize.")
+        self.info.setObjectName("hint")
+        self.info.setWordWrap(True)
+        self.info.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        lay.addWidget(self.info)
+        self.gscene = QGraphicsScene(self)
+        self.view = SceneGraphicsView()
+        self.view.setScene(self.gscene)
+        lay.addWidget(self.view, 1)
+
+    def set_model(self, model) -> None:
+        self.model = model
+
+    def _tile_ready(self, gkey, img: QImage) -> None:
+        gen, key = gkey
+        if self.item is not None and gen == self._gen:
+            self.item.tile_ready(key, img)
+
+    # ---- opening
+    def _open_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open scene", "", "Images (*.jpg *.jpeg *.png *.tif *.tiff "
+                                                                     "*.bmp *.webp);;All files (*)")
+        if path:
+            self.open_scene(path)
+
+    def open_scene(self, path) -> None:
+        path = Path(path)
+        self.info.setText(f"opening {path.name}…")
+
+        def work(progress, cancel):
+            progress(0, 2, "reading header")
+            sc = open_scene_any(path)
+            progress(1, 2, "thumbnail")
+            th = sc.thumbnail(THUMB_SIDE)
+            progress(2, 2, "thumbnail")
+            return sc, np.asarray(th.convert("RGB"))
+
+        self.jobs.start(f"Open scene {path.name}", work, lambda out, p=path: self._opened(p, *out),
+                        lambda msg: self.info.setText(f"Could not open the scene: {msg}"), slot="scene-open")
+
+    def _opened(self, path: Path, sc, thumb_rgb: np.ndarray) -> None:
+        self._gen += 1
+        self.scene_obj, self.scene_path, self.thumb_rgb = sc, path, thumb_rgb
+        self.result = None
+        self.metrics = None
+        self.gscene.clear()
+        self.heat_item = None
+        self.poly_items = []
+        self.item = TiledSceneItem(sc, QPixmap.fromImage(rgb_to_qimage(thumb_rgb)), self.pool, self.tile_signals,
+                                   self._gen)
+        self.gscene.addItem(self.item)
+        self.gscene.setSceneRect(self.item.boundingRect())
+        self.view.fit()
+        self.save_button.setEnabled(False)
+        W, H = sc.size
+        reader = "" if localize_module()[0] is not None else " · Pillow reader (localize engine not available)"
+        self.info.setText(f"{path.name}: {W:,} × {H:,} px{reader}. Scroll to zoom, drag to pan.")
+        # an anno.json next to the scene (or one folder up) is picked up automatically
+        if not self.anno:
+            for cand in (path.parent / "anno.json", path.parent.parent / "anno.json"):
+                if cand.exists():
+                    try:
+                        self.load_anno(cand)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    break
+        self._fill_anno_combo()
+
+    def load_anno(self, path) -> None:
+        mod, _ = localize_module()
+        if mod is not None and hasattr(mod, "load_anno"):
+            self.anno = list(mod.load_anno(path))
+        else:
+            self.anno = json.loads(Path(path).read_text())
+        self._fill_anno_combo()
+
+    def _anno_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open SeLo annotations", "", "JSON (*.json)")
+        if path:
+            try:
+                self.load_anno(path)
+            except Exception as e:  # noqa: BLE001
+                from .workers import plain_message
+
+                self.info.setText(f"Could not read the annotations: {plain_message(e)}")
+
+    def scene_anno(self) -> list[dict]:
+        if self.scene_path is None:
+            return []
+        return [a for a in self.anno if a.get("jpg_name") == self.scene_path.name]
+
+    def _fill_anno_combo(self) -> None:
+        entries = self.scene_anno()
+        self.anno_combo.clear()
+        self.anno_combo.addItem(f"{len(entries)} annotated queries…" if entries else "no annotations", None)
+        for a in entries:
+            self.anno_combo.addItem(a["caption"], a["caption"])
+        self.anno_combo.setVisible(bool(entries))
+
+    def _anno_chosen(self, i: int) -> None:
+        cap = self.anno_combo.itemData(i)
+        if cap:
+            self.query.setText(cap)
+            self.query.setCursorPosition(0)
+            self.show_polygons(cap)
+
+    def polygons_for(self, caption: str) -> list:
+        t = caption.strip().lower()
+        return [poly for a in self.scene_anno() if a["caption"].strip().lower() == t for poly in a["points"]]
+
+    def show_polygons(self, caption: str) -> None:
+        for it in self.poly_items:
+            self.gscene.removeItem(it)
+        self.poly_items = []
+        pen = QPen(QColor("#22c55e"), 3)
+        pen.setCosmetic(True)
+        for poly in self.polygons_for(caption):
+            item = QGraphicsPolygonItem(QPolygonF([QPointF(float(x), float(y)) for x, y in poly]))
+            item.setPen(pen)
+            item.setZValue(5)
+            self.gscene.addItem(item)
+            self.poly_items.append(item)
+
+    # ---- localization
+    def run_localize(self) -> None:
+        mod, reason = localize_module()
+        text = self.query.text().strip()
+        if mod is None:
+            self.info.setText(f"Localization: {reason}. The scene viewer works; localization appears when the "
+                              "engine is installed.")
+            return
+        if self.scene_obj is None:
+            self.info.setText("Open a scene first.")
+            return
+        if not text:
+            self.info.setText("Type what to look for, e.g. “many cars in a parking lot”.")
+            return
+        if self.model is None:
+            self.info.setText("The model is still loading…")
+            return
+        model, sc, windows = self.model, self.scene_obj, WINDOW_PRESETS[self.windows.currentText()]
+        th_h, th_w = self.thumb_rgb.shape[:2]
+        polys = self.polygons_for(text)
+
+        def work(progress, cancel):
+            res = mod.localize(model, sc, text, window_sizes=windows, progress=progress, cancel=cancel)
+            heat = np.asarray(res.upsample((th_w, th_h)), np.float32)
+            metrics = None
+            if polys and hasattr(mod, "selo_metrics"):
+                metrics = mod.selo_metrics(res.prob, polys, res.scene_size)
+            return sc, res, heat, metrics
+
+        self.info.setText(f"localizing “{text}”…")
+        self.show_polygons(text)
+        self.jobs.start("Localize", work, self._localized, lambda msg: self.info.setText(f"Localization failed: {msg}"),
+                        slot="localize", on_cancel=lambda: self.info.setText("localization cancelled"))
+
+    def _localized(self, out) -> None:
+        sc, res, heat, metrics = out
+        if sc is not self.scene_obj:
+            return
+        self.result, self.metrics = res, metrics
+        self.heat = heat
+        self._draw_heat()
+        m = ""
+        if metrics:
+            m = " · SeLo: " + ", ".join(f"{k} {float(v):.3f}" for k, v in metrics.items() if k in ("Rsu", "Ras", "Rda",
+                                                                                                   "Rmi"))
+        cache = " (window embeddings cached)" if getattr(res, "cached", False) else ""
+        self.info.setText(f"“{res.text if isinstance(res.text, str) else ' | '.join(res.text)}”: "
+                          f"{res.n_windows:,} windows in {res.seconds:.1f} s{cache}{m}")
+        self.save_button.setEnabled(True)
+
+    def _draw_heat(self) -> None:
+        if self.heat_item is not None:
+            self.gscene.removeItem(self.heat_item)
+        col = colorize(self.heat, "jet")
+        self.heat_item = QGraphicsPixmapItem(QPixmap.fromImage(rgb_to_qimage(col)))
+        W, H = self.scene_obj.size
+        self.heat_item.setTransform(QTransform.fromScale(W / col.shape[1], H / col.shape[0]))
+        self.heat_item.setTransformationMode(Qt.SmoothTransformation)
+        self.heat_item.setOpacity(self.opacity.value() / 100)
+        self.heat_item.setZValue(2)
+        self.heat_item.setVisible(self.overlay_check.isChecked())
+        self.gscene.addItem(self.heat_item)
+
+    def _overlay_visible(self, on: bool) -> None:
+        if self.heat_item is not None:
+            self.heat_item.setVisible(on)
+
+    def toggle_overlay(self) -> None:
+        self.overlay_check.setChecked(not self.overlay_check.isChecked())
+
+    # ---- saving
+    def save_overlay(self, path) -> Path:
+        path = Path(path)
+        if self.result is None:
+            raise ValueError("no localization to save")
+        polys = self.polygons_for(self.query.text())
+        try:
+            img = self.result.overlay(max_side=THUMB_SIDE, polygons=polys or None,
+                                      image=Image.fromarray(self.thumb_rgb))
+        except Exception:  # noqa: BLE001 - fall back to our own JET 0.7/0.3 blend
+            from .util import blend
+
+            img = Image.fromarray(blend(self.thumb_rgb, self.heat, "jet", 0.3))
+        img.save(path)
+        return path
+
+    def _save_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save overlay", "localization.png", "PNG (*.png)")
+        if path:
+            try:
+                self.save_overlay(path)
+            except Exception as e:  # noqa: BLE001
+                from .workers import plain_message
+
+                self.info.setText(f"could not save: {plain_message(e)}")

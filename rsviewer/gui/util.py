@@ -1,0 +1,167 @@
+"""Small Qt helpers: image conversion, heatmap colouring, settings, thumbnails."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from PySide6.QtCore import QObject, QRunnable, QSettings, QThreadPool, Signal
+from PySide6.QtGui import QImage, QPixmap
+
+# display colormaps (OpenCV LUTs: fast enough to re-colour on every slider move)
+COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma", "hot", "plasma")
+
+
+def settings() -> QSettings:
+    """App settings: ``$RSVIEWER_CONFIG_DIR/gui.ini`` if set (tests), else the user's."""
+    folder = os.environ.get("RSVIEWER_CONFIG_DIR")
+    if folder:
+        return QSettings(str(Path(folder) / "gui.ini"), QSettings.IniFormat)
+    return QSettings(QSettings.IniFormat, QSettings.UserScope, "rsviewer", "rsviewer")
+
+
+def recent(key: str) -> list[str]:
+    v = settings().value(key, [])
+    if isinstance(v, str):
+        v = [v]
+    return [str(x) for x in (v or []) if x]
+
+
+def remember(key: str, value: str, limit: int = 10) -> list[str]:
+    items = [value] + [x for x in recent(key) if x != value]
+    items = items[:limit]
+    s = settings()
+    s.setValue(key, items)
+    s.sync()
+    return items
+
+
+def rgb_to_qimage(arr: np.ndarray) -> QImage:
+    """(H, W, 3) uint8 RGB → QImage (deep copy, safe to use from any thread)."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = np.ascontiguousarray(np.stack([arr] * 3, -1))
+    h, w = arr.shape[:2]
+    if arr.shape[2] == 4:
+        return QImage(arr.data, w, h, 4 * w, QImage.Format_RGBA8888).copy()
+    return QImage(arr.data, w, h, 3 * w, QImage.Format_RGB888).copy()
+
+
+def pil_to_qimage(im: Image.Image) -> QImage:
+    if im.mode == "RGBA":
+        return rgb_to_qimage(np.asarray(im))
+    return rgb_to_qimage(np.asarray(im.convert("RGB")))
+
+
+def qimage_to_rgb(img: QImage) -> np.ndarray:
+    img = img.convertToFormat(QImage.Format_RGB888)
+    w, h = img.width(), img.height()
+    ptr = img.constBits()
+    arr = np.frombuffer(ptr, np.uint8, count=img.bytesPerLine() * h).reshape(h, img.bytesPerLine())
+    return arr[:, : 3 * w].reshape(h, w, 3).copy()
+
+
+def colorize(heat: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """(H, W) float in [0, 1] → (H, W, 3) uint8 RGB through an OpenCV colormap."""
+    import cv2
+
+    code = getattr(cv2, f"COLORMAP_{cmap.upper()}", cv2.COLORMAP_JET)
+    u8 = np.clip(np.nan_to_num(np.asarray(heat, np.float32)) * 255.0, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(u8, code), cv2.COLOR_BGR2RGB)
+
+
+def blend(image_rgb: np.ndarray, heat: np.ndarray, cmap: str = "jet", alpha: float = 0.5,
+          contour: bool = False) -> np.ndarray:
+    """Heatmap over an image (both at the image's resolution)."""
+    import cv2
+
+    h, w = image_rgb.shape[:2]
+    if heat.shape[:2] != (h, w):
+        heat = cv2.resize(np.asarray(heat, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    col = colorize(heat, cmap).astype(np.float32)
+    out = (1 - alpha) * image_rgb.astype(np.float32) + alpha * col
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if contour:
+        mask = (heat >= 0.5).astype(np.uint8)
+        cnts, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        out = np.ascontiguousarray(out)
+        cv2.drawContours(out, cnts, -1, (255, 255, 255), max(1, w // 200))
+    return out
+
+
+# ---- thumbnails ---------------------------------------------------------------------
+
+
+class _ThumbSignals(QObject):
+    ready = Signal(str, QImage)
+    failed = Signal(str, str)
+
+
+class _ThumbJob(QRunnable):
+    def __init__(self, path: str, size: int, signals: _ThumbSignals):
+        super().__init__()
+        self.path, self.size, self.signals = path, size, signals
+
+    def run(self) -> None:
+        from ..data import load_image
+        from .workers import plain_message
+
+        try:
+            im = load_image(self.path)
+            im.thumbnail((self.size, self.size), Image.BILINEAR)
+            self.signals.ready.emit(self.path, pil_to_qimage(im))
+        except Exception as e:  # noqa: BLE001
+            self.signals.failed.emit(self.path, plain_message(e))
+
+
+class ThumbCache(QObject):
+    """Thumbnails loaded on a background pool; ``get`` returns one or schedules it."""
+
+    updated = Signal(str)
+
+    def __init__(self, size: int = 192, parent=None, limit: int = 4000):
+        super().__init__(parent)
+        self.size = size
+        self.limit = limit
+        self.pixmaps: dict[str, QPixmap] = {}
+        self.failed: dict[str, str] = {}
+        self.pending: set[str] = set()
+        self.pool = QThreadPool(self)
+        self.pool.setMaxThreadCount(2)
+        self.signals = _ThumbSignals()
+        self.signals.ready.connect(self._ready)
+        self.signals.failed.connect(self._failed)
+
+    def get(self, path: str) -> Optional[QPixmap]:
+        pm = self.pixmaps.get(path)
+        if pm is None and path not in self.pending and path not in self.failed:
+            self.pending.add(path)
+            self.pool.start(_ThumbJob(path, self.size, self.signals))
+        return pm
+
+    def _ready(self, path: str, img: QImage) -> None:
+        self.pending.discard(path)
+        if len(self.pixmaps) >= self.limit:
+            self.pixmaps.pop(next(iter(self.pixmaps)))
+        self.pixmaps[path] = QPixmap.fromImage(img)
+        self.updated.emit(path)
+
+    def _failed(self, path: str, msg: str) -> None:
+        self.pending.discard(path)
+        self.failed[path] = msg
+        self.updated.emit(path)
+
+    def idle(self) -> bool:
+        return not self.pending
+
+
+_THUMBS: Optional[ThumbCache] = None
+
+
+def thumbs() -> ThumbCache:
+    global _THUMBS
+    if _THUMBS is None:
+        _THUMBS = ThumbCache()
+    return _THUMBS

@@ -1,0 +1,219 @@
+"""Background jobs: a small ``Worker(QRunnable)`` with signals and a cancel token.
+
+Every engine call that can take more than a moment runs in a :class:`Worker` on a
+``QThreadPool``; the GUI thread never waits on the engine. The worker passes its own
+``progress`` callback (throttled, emitted as a queued Qt signal) and ``cancel`` token
+(a ``threading.Event``) to the engine function, which polls it. Errors arrive as one
+plain line (``RsviewerError`` messages as they are; anything else as
+``"<Type>: message"`` with the traceback logged, never shown).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal, Slot
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
+
+from ..errors import Cancelled, RsviewerError
+
+log = logging.getLogger("rsviewer.gui")
+
+
+def plain_message(exc: BaseException) -> str:
+    """One line a user can read, for any exception."""
+    if isinstance(exc, RsviewerError):
+        msg = str(exc) or type(exc).__name__
+    elif isinstance(exc, MemoryError):
+        msg = "out of memory"
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return msg[:300]
+
+
+class WorkerSignals(QObject):
+    progress = Signal(int, int, str)
+    result = Signal(object)
+    error = Signal(str)
+    cancelled = Signal()
+    finished = Signal()
+
+
+class Worker(QRunnable):
+    """Runs ``fn(progress, cancel)`` on a pool thread; results come back as signals."""
+
+    def __init__(self, fn: Callable[[Callable, threading.Event], Any], name: str = "job"):
+        super().__init__()
+        self.setAutoDelete(False)  # the JobManager keeps the Python object alive
+        self.fn = fn
+        self.name = name
+        self.cancel = threading.Event()
+        self.signals = WorkerSignals()
+        self._last_emit = 0.0
+        self.started_at = 0.0
+        self.done = False
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        final = total > 0 and done >= total
+        if final or now - self._last_emit > 0.05:  # at most ~20 updates a second
+            self._last_emit = now
+            self.signals.progress.emit(int(done), int(total), str(message))
+
+    @Slot()
+    def run(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            if self.cancel.is_set():
+                raise Cancelled("cancelled")
+            out = self.fn(self.progress, self.cancel)
+            if self.cancel.is_set():
+                raise Cancelled("cancelled")
+            self.signals.result.emit(out)
+        except Cancelled:
+            self.signals.cancelled.emit()
+        except BaseException as e:  # noqa: BLE001 - every error becomes a message
+            if not isinstance(e, RsviewerError):
+                log.error("%s failed:\n%s", self.name, traceback.format_exc())
+            self.signals.error.emit(plain_message(e))
+        finally:
+            self.done = True
+            self.signals.finished.emit()
+
+
+class JobManager(QObject):
+    """Starts workers, keeps them alive, and drives the status-bar progress widget.
+
+    ``start(name, fn, on_result, on_error, slot=...)``: a job started in a ``slot``
+    that is still busy cancels the older job there (a new search supersedes the last).
+    """
+
+    job_started = Signal(str)
+    job_finished = Signal(str)
+    message = Signal(str)
+
+    def __init__(self, parent=None, max_threads: int = 3):
+        super().__init__(parent)
+        self.pool = QThreadPool(self)
+        self.pool.setMaxThreadCount(max_threads)
+        self.jobs: dict[Worker, str] = {}
+        self.slots: dict[str, Worker] = {}
+        self.widget = ProgressWidget(self)
+
+    def start(
+        self,
+        name: str,
+        fn: Callable,
+        on_result: Optional[Callable[[Any], None]] = None,
+        on_error: Optional[Callable[[str], None]] = None,
+        slot: Optional[str] = None,
+        on_cancel: Optional[Callable[[], None]] = None,
+        quiet: bool = False,
+    ) -> Worker:
+        if slot and slot in self.slots and not self.slots[slot].done:
+            self.slots[slot].cancel.set()
+        w = Worker(fn, name)
+        self.jobs[w] = slot or ""
+        if slot:
+            self.slots[slot] = w
+        if on_result is not None:
+            w.signals.result.connect(on_result)
+        w.signals.error.connect(on_error or (lambda msg, n=name: self.message.emit(f"{n} failed: {msg}")))
+        w.signals.cancelled.connect(on_cancel or (lambda n=name: self.message.emit(f"{n}: cancelled")))
+        w.signals.finished.connect(lambda w=w: self._finished(w))
+        if not quiet:
+            w.signals.progress.connect(lambda d, t, m, w=w: self.widget.on_progress(w, d, t, m))
+            self.widget.track(w)
+        self.job_started.emit(name)
+        self.pool.start(w)
+        return w
+
+    def _finished(self, w: Worker) -> None:
+        slot = self.jobs.pop(w, "")
+        if slot and self.slots.get(slot) is w:
+            del self.slots[slot]
+        self.widget.untrack(w)
+        self.job_finished.emit(w.name)
+
+    def busy(self, slot: Optional[str] = None) -> bool:
+        if slot is None:
+            return bool(self.jobs)
+        # the slot is freed in _finished, on the GUI thread, after the job's result /
+        # error / cancelled signal was delivered (w.done is set earlier, on the worker)
+        return slot in self.slots
+
+    def cancel(self, slot: Optional[str] = None) -> None:
+        for w, s in list(self.jobs.items()):
+            if slot is None or s == slot:
+                w.cancel.set()
+
+    def wait_all(self, msecs: int = 5000) -> bool:
+        return self.pool.waitForDone(msecs)
+
+
+class ProgressWidget(QWidget):
+    """Status-bar progress: the newest running job's name, bar, and a Cancel button."""
+
+    def __init__(self, manager: JobManager):
+        super().__init__()
+        self.manager = manager
+        self.tracked: list[Worker] = []
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(6)
+        self.label = QLabel()
+        self.label.setObjectName("progressLabel")
+        self.bar = QProgressBar()
+        self.bar.setFixedWidth(180)
+        self.bar.setTextVisible(False)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setObjectName("cancelButton")
+        self.cancel_button.setToolTip("Stop the running job (nothing half-written is left behind)")
+        self.cancel_button.clicked.connect(self.cancel_current)
+        lay.addWidget(self.label)
+        lay.addWidget(self.bar)
+        lay.addWidget(self.cancel_button)
+        self._show_timer = QTimer(self)
+        self._show_timer.setSingleShot(True)
+        self._show_timer.timeout.connect(self._refresh)
+        self.setVisible(False)
+
+    def current(self) -> Optional[Worker]:
+        return self.tracked[-1] if self.tracked else None
+
+    def track(self, w: Worker) -> None:
+        self.tracked.append(w)
+        self.label.setText(w.name + "…")
+        self.bar.setRange(0, 0)  # busy until the first progress report
+        self._show_timer.start(250)  # quick jobs never flash the bar
+
+    def untrack(self, w: Worker) -> None:
+        if w in self.tracked:
+            self.tracked.remove(w)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        w = self.current()
+        self.setVisible(w is not None)
+        if w is not None:
+            self.label.setText(w.name + "…")
+
+    def on_progress(self, w: Worker, done: int, total: int, msg: str) -> None:
+        if w is not self.current():
+            return
+        if total > 0:
+            self.bar.setRange(0, total)
+            self.bar.setValue(min(done, total))
+        else:
+            self.bar.setRange(0, 0)
+        self.label.setText(f"{w.name}: {msg}" if msg else w.name + "…")
+
+    def cancel_current(self) -> None:
+        w = self.current()
+        if w is not None:
+            w.cancel.set()
+            self.label.setText(f"{w.name}: cancelling…")
