@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--views", type=int, default=None, help="dihedral augmentations per image (1-8)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ema", type=float, default=None, help="weight EMA decay per step (e.g. 0.98; 0 = off)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--loss", default=None, help="lite: infonce | triplet | both")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -52,7 +53,7 @@ def run(args) -> int:
 
     cls = arch_class(args.arch)
     defaults = dict(getattr(cls, "train_defaults", {}))
-    for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed"):
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed", "ema"):
         v = getattr(args, key)
         if v is not None:
             defaults[key] = v

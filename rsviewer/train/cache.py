@@ -107,7 +107,8 @@ def image_feature_cache(
 ) -> dict[str, np.ndarray]:
     """``{name: (N, views, ...)}`` frozen image features, computed or read from disk."""
     views = max(1, min(int(views), MAX_VIEWS))
-    files = [(str(p), *(lambda s: (s.st_size, int(s.st_mtime)))(Path(p).stat())) for p in paths]
+    # resolved paths: "../shared/x.jpg" and "/work/shared/x.jpg" are the same cache entry
+    files = [(str(Path(p).resolve()), *(lambda s: (s.st_size, int(s.st_mtime)))(Path(p).stat())) for p in paths]
     payload = {"sig": model.feature_signature("image"), "files": files, "views": views}
     folder = cache_root() / f"img-{_key(payload)}"
     if use_cache and (hit := _load_entry(folder)) is not None:
