@@ -1,0 +1,20 @@
+"""CMER (2024): Focus-Adapter side branch, LoRA text encoder, scene-label prompts in
+training, negative-sample recycling with a difficulty-weighted hinge. See ``model.py``."""
+from .focus import FocusAdapter, FocusLayer
+from .lora import LoRALinear, apply_lora
+from .model import CMER, CMERConfig
+from .prompts import augment, readable_label
+from .queue import NegativeQueue, difficulty_weighted_hinge
+
+__all__ = [
+    "CMER",
+    "CMERConfig",
+    "FocusAdapter",
+    "FocusLayer",
+    "LoRALinear",
+    "NegativeQueue",
+    "apply_lora",
+    "augment",
+    "difficulty_weighted_hinge",
+    "readable_label",
+]
