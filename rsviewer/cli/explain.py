@@ -16,8 +16,8 @@ def register(sub) -> None:
         description="Explain the similarity of an image with a text (or a query image) and write a PNG.",
     )
     add_model_arg(p)
-    p.add_argument("--image", required=True, help="the image to explain")
-    q = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--image", help="the image to explain")
+    q = p.add_mutually_exclusive_group()
     q.add_argument("--text", help="the query text")
     q.add_argument("--query-image", help="a query image (image-to-image similarity)")
     p.add_argument("--method", default="gradcam", choices=METHOD_CHOICES, help="(default: %(default)s)")
@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--contour", action="store_true", help="draw iso-contours at 25/50/75 %%")
     p.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing sigma (fraction of the shorter side if < 1, else px)")
     p.add_argument("--input-size", type=int, default=None, help="run the model at this square size (default: its own)")
-    p.add_argument("--channels", type=int, default=None, help="scorecam: number of channels used (default 32)")
+    p.add_argument("--channels", type=int, default=None, help="scorecam: number of channels used (default 16)")
     p.add_argument("--list", action="store_true", help="print the methods and layers available for the model and exit")
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -51,6 +51,7 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=4, help="images per batch (default %(default)s)")
     e.add_argument("--input-size", type=int, default=None, help="model input size (default: its own)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--channels", type=int, default=None, help="scorecam: number of channels (default 16)")
     e.add_argument("--out", default=None, help="also write the JSON result to this file")
     add_json_arg(e)
     e.set_defaults(func=run_eval)
@@ -72,14 +73,26 @@ def run(args) -> int:
         raise QueryError(f"unknown colormap {args.cmap!r}; choose from {', '.join(COLORMAPS)}")
     if not 0.0 <= args.alpha <= 1.0:
         raise QueryError("--alpha must be between 0 and 1")
+    if not args.list:
+        if not args.image:
+            raise QueryError("give --image PATH (the image to explain)")
+        if args.text is None and not args.query_image:
+            raise QueryError("give --text \"…\" or --query-image PATH")
+        if not args.out and not args.json:
+            raise QueryError("give --out PNG (and/or --json)")
+        from pathlib import Path
+
+        from ..errors import ImageError
+
+        for p in (args.image, args.query_image):
+            if p and not Path(p).is_file():  # before the model loads (seconds)
+                raise ImageError(f"image not found: {p}")
     model = load(args)
     if args.list:
         obj = {"model": getattr(model, "name", model.arch), "arch": model.arch,
                "methods": available_methods(model), "layers": gradcam_layer_names(model)}
         emit(args, obj, f"methods: {', '.join(obj['methods'])}\nlayers:  {', '.join(obj['layers']) or '-'}")
         return 0
-    if not args.out and not args.json:
-        raise QueryError("give --out PNG (and/or --json)")
     opts = {}
     if args.map:
         opts["map"] = args.map
@@ -156,6 +169,7 @@ def run_eval(args) -> int:
         seed=args.seed,
         images=args.images,
         input_size=args.input_size,
+        method_opts={"scorecam": {"channels": args.channels}} if args.channels else None,
         progress=_progress(args),
     )
     res["command"] = "rsviewer explain-eval " + " ".join(_argv(args))
@@ -191,4 +205,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out += ["--input-size", str(args.input_size)]
     if args.seed:
         out += ["--seed", str(args.seed)]
+    if args.channels:
+        out += ["--channels", str(args.channels)]
     return out
