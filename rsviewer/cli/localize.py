@@ -83,16 +83,17 @@ def _run_scene(args) -> int:
     from ..localize import load_anno, localize, open_scene, selo_metrics
     from ..utils.atomic import atomic_file
 
-    model = load(args)
     text = args.text[0] if len(args.text) == 1 else list(args.text)
-    bar = progress_bar(args)
+    entries = load_anno(args.anno) if args.anno else []  # bad input fails before the model loads
     with open_scene(args.scene) as sc:
+        model = load(args)
+        bar = progress_bar(args)
         res = localize(model, sc, text, window_sizes=args.windows, two_stage=args.two_stage, progress=bar,
                        cache=not args.no_cache, **_opts(args))
         polys, metrics = None, None
         if args.anno:
             name = Path(args.scene).name
-            entries = [e for e in load_anno(args.anno) if e["jpg_name"] == name]
+            entries = [e for e in entries if e["jpg_name"] == name]
             match = [e for e in entries if e["caption"] in args.text]
             if match:
                 polys = [pl for e in match for pl in e["points"]]
@@ -124,8 +125,9 @@ def _run_scene(args) -> int:
 
 
 def _run_anno(args) -> int:
-    from ..localize import evaluate_anno
+    from ..localize import evaluate_anno, load_anno
 
+    load_anno(args.anno)  # a bad file fails before the model loads
     model = load(args)
     bar = progress_bar(args)
     if args.out_dir:

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Benchmark semantic localization on a large scene: seconds and peak memory.
+
+Builds a SIZE×SIZE scene (default 10240, a 40×40 mosaic of real UCM-Captions tiles,
+JPEG q90) in a temporary folder, then runs the work in a **child process** that loads
+the default model and localizes a first query (window embeddings computed and cached in
+a fresh temporary cache) and a second query on the same scene (embeddings from the
+cache). The peak memory is the child's ``ru_maxrss`` (``resource.getrusage``), i.e. the
+process that does the work, model and decoded scene included.
+
+    python bench/localize.py --json                      # CPU, default model, fast mode
+    python bench/localize.py --json --device cuda        # on a GPU
+    python bench/localize.py --json --mode crops --size 4096
+    python bench/localize.py --json --fidelity           # fast-vs-crops embedding agreement
+
+Prints one JSON object. Skips (exit 0, with a message) when the UCM images are absent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+UCM = REPO.parent / "shared" / "datasets" / "ucm-captions"
+QUERIES = ("Many boats docked in lines at the harbor", "a tennis court surrounded by lawn")
+
+
+def build_scene(path: Path, size: int, tile: int = 256, seed: int = 0) -> dict:
+    """A size×size mosaic of UCM images (all splits, shuffled), saved as JPEG q90."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted((UCM / "images").glob("*.jpg"))
+    rng = np.random.default_rng(seed)
+    n = -(-size // tile)
+    order = rng.choice(len(files), size=n * n, replace=n * n > len(files))
+    canvas = Image.new("RGB", (size, size))
+    for k, idx in enumerate(order):
+        with Image.open(files[idx]) as im:
+            t = im.convert("RGB").resize((tile, tile))
+        canvas.paste(t, ((k % n) * tile, (k // n) * tile))
+    canvas.save(path, quality=90)
+    return {"tiles": int(n * n), "file_mb": round(path.stat().st_size / 1e6, 1)}
+
+
+def child(args) -> None:
+    """Runs in the child process: load the model, two queries, report."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    from rsviewer.checkpoint import load_model
+    from rsviewer.localize import localize, open_scene
+    from rsviewer.utils.device import describe, pick_device
+
+    dev = pick_device(args.device)
+    model = load_model(args.model, device=dev)
+    t_load = time.perf_counter() - t0
+    sizes = [int(s) for s in args.windows.split(",")]
+    opts = {"mode": args.mode, "precision": args.precision}
+    if args.input_size:
+        opts["input_size"] = args.input_size
+    out = {"device": describe(dev), "threads": torch.get_num_threads(), "model": args.model, "mode": args.mode,
+           "model_load_s": round(t_load, 2)}
+    cpu0 = time.process_time()
+    with open_scene(args.scene) as sc:
+        r1 = localize(model, sc, QUERIES[0], window_sizes=sizes, two_stage=args.two_stage, **opts)
+        cpu1 = time.process_time()
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        r2 = localize(model, sc, QUERIES[1], window_sizes=sizes, two_stage=args.two_stage, **opts)
+        cpu2 = time.process_time()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out.update(
+        windows=r1.n_windows,
+        grid=list(r1.prob.shape),
+        cell=r1.cell,
+        effective_mode=r1.info.get("mode"),
+        precision=r1.info.get("precision"),
+        first_query_s=round(r1.seconds, 2),
+        first_query_cpu_s=round(cpu1 - cpu0, 2),
+        first_cached=r1.cached,
+        second_query_s=round(r2.seconds, 3),
+        second_query_cpu_s=round(cpu2 - cpu1, 3),
+        second_cached=r2.cached,
+        peak_rss_mb_after_first=round(rss1 / 1024, 1),
+        peak_rss_mb=round(rss / 1024, 1),
+    )
+    if dev.type == "cuda":
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(out))
+
+
+def fidelity(args) -> dict:
+    """How close the fast (shared-map) embeddings are to per-crop embeddings, and bf16 to
+    fp32, per window size, on the ucm-mosaics scenes: mean / 5th percentile / min cosine."""
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from rsviewer.checkpoint import load_model
+    from rsviewer.localize import open_scene, sliding_windows
+    from rsviewer.localize.encode import encode_windows
+
+    scenes = sorted((REPO.parent / "shared" / "scenes" / "ucm-mosaics" / "images").glob("*.jpg"))
+    if not scenes:
+        return {"skipped": "ucm-mosaics not available"}
+    model = load_model(args.model)
+    sizes = [int(s) for s in args.windows.split(",")]
+    acc: dict = {}
+    for p in scenes:
+        with open_scene(p) as sc:
+            b = sliding_windows(sc.size, sizes)
+            e = {}
+            for mode, prec in (("crops", "fp32"), ("fast", "fp32"), ("fast", "bf16"), ("crops", "bf16")):
+                e[mode, prec] = encode_windows(model, sc, b, mode=mode, precision=prec)[0]
+        for s in sizes:
+            sel = b[:, 2] == s
+            for name, (x, y) in {"fast_vs_crops": (("fast", "bf16"), ("crops", "fp32")),
+                                 "fast_fp32_vs_crops_fp32": (("fast", "fp32"), ("crops", "fp32")),
+                                 "bf16_vs_fp32_crops": (("crops", "bf16"), ("crops", "fp32"))}.items():
+                acc.setdefault(name, {}).setdefault(s, []).append(np.sum(e[x][sel] * e[y][sel], 1))
+    out = {"scenes": len(scenes), "model": args.model}
+    for name, per in acc.items():
+        out[name] = {str(s): {"mean": round(float(np.concatenate(v).mean()), 4),
+                              "p5": round(float(np.percentile(np.concatenate(v), 5)), 4),
+                              "min": round(float(np.concatenate(v).min()), 4), "n": int(np.concatenate(v).size)}
+                     for s, v in per.items()}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print only the JSON object")
+    ap.add_argument("--size", type=int, default=10240, help="scene side in px (default 10240)")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    ap.add_argument("--mode", default="fast", choices=["fast", "crops"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--input-size", type=int, default=None)
+    ap.add_argument("--windows", default="256,512,768")
+    ap.add_argument("--two-stage", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--scene", help="use this scene instead of building the mosaic")
+    ap.add_argument("--keep", help="build the mosaic at this path and keep it")
+    ap.add_argument("--fidelity", action="store_true",
+                    help="instead of timing: cosine of fast vs crop embeddings (and bf16 vs fp32) on ucm-mosaics")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.fidelity:
+        res = fidelity(args)
+        print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+        return 0
+    if args.child:
+        child(args)
+        return 0
+    info: dict = {"size": args.size}
+    with tempfile.TemporaryDirectory(prefix="rsv-bench-loc-") as tmp:
+        scene = args.scene
+        if scene is None:
+            if not (UCM / "images").is_dir():
+                print(json.dumps({"skipped": f"{UCM / 'images'} not available"}))
+                return 0
+            path = Path(args.keep) if args.keep else Path(tmp) / f"mosaic_{args.size}.jpg"
+            if not path.exists():
+                t = time.perf_counter()
+                info.update(build_scene(path, args.size))
+                info["build_s"] = round(time.perf_counter() - t, 1)
+            scene = str(path)
+        info["scene"] = scene
+        env = dict(os.environ, RSVIEWER_CACHE=str(Path(tmp) / "cache"), PYTHONPATH=str(REPO))
+        cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
+               "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
+               "--threads", str(args.threads)]
+        if args.input_size:
+            cmd += ["--input-size", str(args.input_size)]
+        if args.two_stage:
+            cmd.append("--two-stage")
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        info["child_wall_s"] = round(time.perf_counter() - t, 1)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return proc.returncode
+        info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        info["child_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        try:
+            info["loadavg_1min"] = os.getloadavg()[0]
+        except OSError:
+            pass
+    print(json.dumps(info) if args.json else json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
