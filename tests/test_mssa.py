@@ -283,3 +283,18 @@ def test_tiny_training_run_on_ucm_loss_falls(tmp_path):
     assert (tmp_path / "run" / "metrics.json").exists()
     model = load_model(tmp_path / "run", expect_arch="mssa")
     assert model.pairwise and model.cfg.widths == [16, 16, 16]
+
+
+def test_two_stage_search_on_an_index(tiny, small_gallery, tmp_path):
+    """search_text/search_image on a pairwise model: stage 2 rescoring runs without autograd."""
+    from rsviewer.retrieval.index import build_index
+    from rsviewer.retrieval.search import search_image, search_text
+
+    _perturb(tiny)
+    data, images = small_gallery
+    index = build_index(tiny, data, tmp_path / "idx", images=images)
+    res = search_text(tiny, index, "many planes parked at the airport", k=5)
+    scores = [h.score for h in res.hits]
+    assert len(scores) == 5 and all(a >= b - 1e-6 for a, b in zip(scores, scores[1:]))
+    img = search_image(tiny, index, res.hits[0].path, k=3)
+    assert len(img.hits) == 3

@@ -103,7 +103,7 @@ def _label_mask(index: GalleryIndex, labels: Optional[Sequence[str]]) -> Optiona
 
 @torch.no_grad()
 def encode_query_text(model: RetrievalModel, text: str) -> dict[str, torch.Tensor]:
-    with autocast(model.device):
+    with torch.no_grad(), autocast(model.device):
         return {k: v.float().cpu() for k, v in model.text_states([text]).items()}
 
 
@@ -112,7 +112,7 @@ def encode_query_image(model: RetrievalModel, image: str | Path | Image.Image) -
     if not isinstance(image, Image.Image):
         image = load_image(image)
     pixels = model.preprocess([image]).to(model.device)
-    with autocast(model.device):
+    with torch.no_grad(), autocast(model.device):
         return {k: v.float().cpu() for k, v in model.image_states(pixels).items()}
 
 
@@ -136,7 +136,7 @@ def search_text(
     t2 = time.perf_counter()
     seconds = {"encode": t1 - t0, "search": t2 - t1}
     if model.pairwise and len(rows):
-        with autocast(model.device):
+        with torch.no_grad(), autocast(model.device):
             full = model.score(
                 {kk: v.to(model.device) for kk, v in state_tensors(index, rows).items()},
                 {kk: v.to(model.device) for kk, v in q.items()},
