@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ema", type=float, default=None, help="weight EMA decay per step (e.g. 0.98; 0 = off)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--loss", default=None, help="lite: infonce | triplet | both")
+    p.add_argument("--loss", default=None, help="lite, galr: infonce | triplet | both (see each architecture's config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture hyper-parameter (JSON value), e.g. --set embed_dim=512; repeatable")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")

@@ -2,8 +2,8 @@
 
 The frozen parts of a model (``image_features`` / ``text_features``) are deterministic,
 so their outputs for every (image, view) and caption are computed once and stored as
-``.npy`` files (float16, memory-mapped on read) under ``$RSVIEWER_CACHE`` (default
-``~/.cache/rsviewer/features``). The key hashes what determines the output: the
+``.npy`` files (float16, memory-mapped on read) under ``$RSVIEWER_CACHE/features``
+(``$RSVIEWER_CACHE`` defaults to ``~/.cache/rsviewer``). The key hashes what determines the output: the
 model's feature signature (backbone, weights sha256, input size, ...), the image files
 (path, size, mtime) or caption strings, and the views. Each entry is written in a
 temporary folder and renamed into place, so a cancelled run leaves no half cache.

@@ -167,7 +167,11 @@ def train(
     command: Optional[str] = None,
 ) -> TrainResult:
     """Train ``arch`` on the train split of ``data``; save the best-on-val model to ``out``."""
-    cfg = config or TrainConfig()
+    if config is None:  # the architecture's recipe, as the CLI uses it
+        from ..archs.registry import arch_class
+
+        config = TrainConfig.from_dict(dict(getattr(arch_class(arch), "train_defaults", {})))
+    cfg = config
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     t_start = time.time()

@@ -459,6 +459,7 @@ class CMPAGL(RetrievalModel):
         - ``extra``: ``score`` (retrieval cosine) and ``itm`` (match probability).
         """
         text = check_query(text)
+        was_training = self.training
         self.eval()
         pixels = pixels[:1].to(self.device)
         self.gswin.set_keep_attention(True)
@@ -516,3 +517,4 @@ class CMPAGL(RetrievalModel):
         finally:
             self.gswin.set_keep_attention(False)
             self.fusion.set_keep_attention(False)
+            self.train(was_training)
