@@ -12,7 +12,7 @@ from PIL import Image
 from rsviewer.data import Dataset, Item, load_dataset
 from rsviewer.errors import DatasetError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED  # noqa: E402  (finds the shared data wherever the clone is)
 DATASETS = SHARED / "datasets"
 UCM = DATASETS / "ucm-captions" / "dataset_ucm.json"
 FORMATS = DATASETS / "caption-formats"

@@ -20,7 +20,7 @@ from rsviewer.data import (
 )
 from rsviewer.errors import ImageError, RsviewerError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED  # noqa: E402  (finds the shared data wherever the clone is)
 UCM_IMAGES = SHARED / "datasets" / "ucm-captions" / "images"
 
 

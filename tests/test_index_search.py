@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import threading
 
 import numpy as np
@@ -135,3 +136,23 @@ def test_damaged_index_is_reported(small_index, tmp_path):
         load_index(bad)
     with pytest.raises(IndexError_, match="not an rsviewer index"):
         load_index(tmp_path)
+
+
+def test_index_next_to_its_images_moves_with_them(default_model, small_gallery, tmp_path):
+    """An index inside the gallery folder stores relative paths: copy both, search still finds files."""
+    import shutil
+
+    data, images = small_gallery
+    root = tmp_path / "gallery"
+    shutil.copytree(images, root / "images")
+    shutil.copy(data, root / "g.json")
+    idx = build_index(default_model, root / "g.json", root / "index", images=root / "images")
+    stored = json.loads((root / "index" / "items.json").read_text())
+    assert all(not Path(it["path"]).is_absolute() for it in stored)
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    shutil.rmtree(root)
+    again = load_index(moved / "index", default_model)
+    assert all(Path(p).exists() and str(p).startswith(str(moved.resolve())) for p in (it["path"] for it in again.items))
+    hit = search_text(default_model, again, "an airport", k=3).hits[0]
+    assert Path(hit.path).exists()

@@ -143,10 +143,23 @@ def save_index(index: GalleryIndex, out: str | os.PathLike) -> Path:
         np.save(tmp / "caption_image.npy", np.asarray(index.caption_image, np.int64))
         for k, v in index.image_states.items():
             np.save(tmp / f"image_state_{k}.npy", np.ascontiguousarray(v))
-        write_json(tmp / "items.json", index.items)
+        write_json(tmp / "items.json", [_portable(it, out) for it in index.items])
         write_json(tmp / "index.json", index.meta)
     index.folder = out
     return out
+
+
+def _portable(item: dict, out: Path) -> dict:
+    """Images inside the index folder's parent (an index shipped next to its gallery, like
+    assets/gallery/index) are stored relative to the index, so the pair can move together;
+    any other path stays absolute."""
+    p = Path(item["path"])
+    home = out.resolve().parent
+    try:
+        rel = p.resolve().relative_to(home)
+    except ValueError:
+        return item
+    return {**item, "path": str(Path("..") / rel)}
 
 
 def is_index(path: str | os.PathLike) -> bool:
@@ -173,6 +186,9 @@ def load_index(folder: str | os.PathLike, model: Optional[RetrievalModel] = None
         raise IndexError_(f"{folder} has index format {meta.get('format')!r}, expected {INDEX_FORMAT}")
     if emb.shape[0] != len(items) or cap.shape[0] != cap_img.shape[0]:
         raise IndexError_(f"index {folder} is damaged: {emb.shape[0]} embeddings for {len(items)} items")
+    for it in items:  # relative paths are relative to the index folder (see _portable)
+        if it.get("path") and not os.path.isabs(it["path"]):
+            it["path"] = os.path.normpath(folder.resolve() / it["path"])
     index = GalleryIndex(folder, meta, items, emb, cap, cap_img, states)
     if model is not None:
         check_model(index, model)
