@@ -31,7 +31,7 @@ from torch import nn
 from ..nets.factory import create_backbone
 from ..nets.text import TextEncoder, mean_pool
 from ..train.losses import contrastive_loss
-from .base import BaseConfig, RetrievalModel, l2n
+from .base import BaseConfig, RetrievalModel, backbone_cam_layers, l2n, make_head
 from .registry import register
 
 
@@ -46,16 +46,6 @@ class LiteConfig(BaseConfig):
     label_alpha: float = 0.5  # weight of same-scene-label soft positives in InfoNCE
     margin: float = 0.2  # triplet margin
     temperature: float = 0.05  # initial; learned
-
-
-def make_head(din: int, dout: int, kind: str, hidden: int, dropout: float) -> nn.Module:
-    if kind == "linear":
-        return nn.Sequential(nn.LayerNorm(din), nn.Linear(din, dout))
-    if kind == "mlp":
-        return nn.Sequential(
-            nn.LayerNorm(din), nn.Linear(din, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dout)
-        )
-    raise ValueError(f"unknown head {kind!r}; use linear or mlp")
 
 
 @register
@@ -153,13 +143,4 @@ class Lite(RetrievalModel):
 
     # ---- explanations ---------------------------------------------------------------------
     def gradcam_layers(self) -> dict[str, nn.Module]:
-        bb = self.backbone
-        if hasattr(bb, "_conv_head"):  # EfficientNet-Lite: head conv (stride 32), last block, stride-16 block
-            return {
-                "backbone.head": bb._bn1,
-                "backbone.s32": bb._blocks[bb.feature_info[2].block_index],
-                "backbone.s16": bb._blocks[bb.feature_info[1].block_index],
-            }
-        if hasattr(bb, "layer4"):
-            return {"backbone.layer4": bb.layer4, "backbone.layer3": bb.layer3}
-        return {}
+        return backbone_cam_layers(self.backbone, ("head", "s32", "s16"))

@@ -61,7 +61,7 @@ from torch import nn
 from ...nets.factory import create_backbone
 from ...nets.text import TextEncoder, mean_pool
 from ...train.losses import info_nce, positive_masks, soft_targets
-from ..base import BaseConfig, ExplainMaps, RetrievalModel, check_query, l2n
+from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n, make_head
 from ..registry import register
 from .focus import FocusAdapter
 from .lora import LoRALinear, apply_lora
@@ -101,16 +101,6 @@ class CMERConfig(BaseConfig):
     # in-batch InfoNCE (eqs. 19–21)
     label_alpha: float = 0.0
     temperature: float = 0.05  # initial τ; learned
-
-
-def make_head(din: int, dout: int, kind: str, hidden: int, dropout: float) -> nn.Module:
-    if kind == "linear":
-        return nn.Sequential(nn.LayerNorm(din), nn.Linear(din, dout))
-    if kind == "mlp":
-        return nn.Sequential(
-            nn.LayerNorm(din), nn.Linear(din, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dout)
-        )
-    raise ValueError(f"unknown head {kind!r}; use linear or mlp")
 
 
 @register
@@ -365,13 +355,7 @@ class CMER(RetrievalModel):
     # ---- explanations ---------------------------------------------------------------------
     def gradcam_layers(self) -> dict[str, nn.Module]:
         layers = {f"focus.{s}": self.adapters[s] for s in reversed(self.stages)}
-        bb = self.backbone
-        if hasattr(bb, "_conv_head"):
-            layers["backbone.head"] = bb._bn1
-            layers["backbone.s16"] = bb._blocks[bb.feature_info[1].block_index]
-        elif hasattr(bb, "layer4"):
-            layers["backbone.layer4"] = bb.layer4
-            layers["backbone.layer3"] = bb.layer3
+        layers.update(backbone_cam_layers(self.backbone, ("head", "s16")))
         return layers
 
     @torch.no_grad()

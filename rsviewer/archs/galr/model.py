@@ -62,7 +62,7 @@ from ...errors import ModelError
 from ...nets.factory import create_backbone
 from ...nets.efficientnet_lite import EfficientNetLite
 from ...train.losses import info_nce, positive_masks, soft_targets, vse_triplet
-from ..base import BaseConfig, ExplainMaps, RetrievalModel, check_query, l2n
+from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n
 from ..registry import register
 from . import objects as objsrc
 from .graph import GCN, Obj, build_graph, normalize_adjacency
@@ -504,16 +504,7 @@ class GaLR(RetrievalModel):
 
     # ---- explanations ---------------------------------------------------------------------------
     def gradcam_layers(self) -> dict[str, nn.Module]:
-        bb = self.backbone
-        if self._lite:
-            return {
-                "backbone.head": bb._bn1,
-                "backbone.s32": bb._blocks[bb.feature_info[2].block_index],
-                "backbone.s16": bb._blocks[bb.feature_info[1].block_index],
-            }
-        if hasattr(bb, "layer4"):
-            return {"backbone.layer4": bb.layer4, "backbone.layer3": bb.layer3}
-        return {}
+        return backbone_cam_layers(self.backbone, ("head", "s32", "s16"))
 
     @torch.no_grad()
     def explain_maps(self, pixels: torch.Tensor, text: str) -> ExplainMaps:

@@ -72,7 +72,7 @@ from torch import nn
 from ...nets.factory import create_backbone
 from ...nets.text import TextEncoder
 from ...train.losses import info_nce, positive_masks, soft_targets
-from ..base import BaseConfig, ExplainMaps, RetrievalModel, check_query, l2n
+from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n
 from ..registry import register
 from .layers import NEG, PSCJA, CrossAttention, TokenCrossAttention, masked_mean, pool_tokens
 
@@ -403,16 +403,7 @@ class MSSA(RetrievalModel):
 
     # ---- explanations ------------------------------------------------------------------
     def gradcam_layers(self) -> dict[str, nn.Module]:
-        bb = self.backbone
-        if hasattr(bb, "_conv_head"):
-            return {
-                "backbone.head": bb._bn1,
-                "backbone.s16": bb._blocks[bb.feature_info[1].block_index],
-                "backbone.s8": bb._blocks[bb.feature_info[0].block_index],
-            }
-        if hasattr(bb, "layer4"):
-            return {"backbone.layer4": bb.layer4, "backbone.layer3": bb.layer3, "backbone.layer2": bb.layer2}
-        return {}
+        return backbone_cam_layers(self.backbone, ("head", "s16", "s8"))
 
     @torch.no_grad()
     def explain_maps(self, pixels: torch.Tensor, text: str) -> ExplainMaps:
