@@ -438,6 +438,30 @@ def test_cancel_inside_a_forward_pass(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "localize").exists() or not list((tmp_path / "cache" / "localize").iterdir())
 
 
+def test_cancel_during_first_call_setup_is_not_memoised(tmp_path, monkeypatch):
+    """A cancel that lands in the one-off per-model set-up (shared-map probe) stops the job
+    and is not remembered as "this model cannot use the fast mode"."""
+    from rsviewer.localize.encode import _fast_cache
+
+    monkeypatch.setenv("RSVIEWER_CACHE", str(tmp_path / "cache"))
+    _write_scene(tmp_path / "s.png", 256, 256)
+    m = TinyModel()
+    ev = threading.Event()
+    orig = m.c32.forward
+
+    def cancel_in_probe(x):  # the first forward of a fresh model is the probe
+        ev.set()
+        return orig(x)
+
+    m.c32.forward = cancel_in_probe
+    with pytest.raises(Cancelled):
+        localize(m, tmp_path / "s.png", "q", window_sizes=(64,), cancel=ev)
+    assert not _fast_cache.get(m)  # nothing memoised
+    m.c32.forward = orig
+    res = localize(m, tmp_path / "s.png", "q", window_sizes=(64,))
+    assert "fallback" not in res.info
+
+
 # ---- end to end with the default model on a small UCM mosaic -------------------------------
 def _ucm_files(label: str, n: int) -> list[Path]:
     d = json.loads(UCM_JSON.read_text())

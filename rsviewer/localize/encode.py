@@ -40,6 +40,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..errors import Cancelled
 from ..utils.progress import check, report
 from .scene import Scene
 
@@ -182,6 +183,8 @@ def fast_support(model, input_size: int, probe: bool = True) -> tuple[bool, str,
                 if not needed:
                     needed = names
             res = (True, fkey, tuple(needed))
+        except Cancelled:
+            raise  # not a verdict on the model: nothing is memoised
         except Exception as e:  # any mismatch: use crops
             res = (False, f"shared-map check failed ({e})", ())
     _fast_cache.setdefault(model, {})[key] = res
@@ -370,7 +373,9 @@ def encode_windows(model, scene: Scene, boxes: np.ndarray, *, mode: str = "fast"
         raise ValueError(f"unknown mode {mode!r}; use fast or crops")
     use_fast = False
     if mode == "fast" and score_fn is None:
-        ok, key_or_reason, names = fast_support(model, S)
+        check(cancel)
+        with cancel_hooks(model, cancel):  # the first call per model probes with a forward pass
+            ok, key_or_reason, names = fast_support(model, S)
         use_fast = ok
         if not ok:
             info["fallback"] = key_or_reason
@@ -399,10 +404,15 @@ def encode_windows(model, scene: Scene, boxes: np.ndarray, *, mode: str = "fast"
 
     report(progress, 0, total, message)
     features, fused = (None, None)
-    if use_fast or (mode == "crops" and score_fn is None and fast_support(model, S)[0]):
-        features, fused = _features_fn(model, prec)
-        key_or_reason, names = fast_support(model, S)[1:]
-        info["fused"] = fused is not None
+    check(cancel)
+    # the one-off set-up per model (shared-map probe, fused backbone and its check) runs
+    # forward passes too: under the cancel hooks, so a cancel during it stops at once
+    with cancel_hooks(model, cancel):
+        if use_fast or (mode == "crops" and score_fn is None and fast_support(model, S)[0]):
+            features, fused = _features_fn(model, prec)
+            key_or_reason, names = fast_support(model, S)[1:]
+            info["fused"] = fused is not None
+    check(cancel)
     with cancel_hooks(model, cancel, fused):
         if use_fast:
             emb = None

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Cancelled
+
 __all__ = ["fused_backbone"]
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -129,6 +131,8 @@ def fused_backbone(model, dtype: torch.dtype = torch.float32):
                 )
             if ok:
                 fused = ref32 if dtype == torch.float32 else FusedLite(bb, dtype).to(model.device).eval()
+        except Cancelled:
+            raise  # not a verdict on the backbone: nothing is memoised
         except Exception:
             fused = None
     per[key] = fused
