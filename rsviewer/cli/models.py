@@ -21,6 +21,6 @@ def run(args) -> int:
             "parameters": cfg.get("parameters"), "val_mR": (met.get("val") or {}).get("mR"),
             "dataset": met.get("dataset"),
         })
-    lines = [f"{r['name']:<16} {r['arch']:<8} val mR {r['val_mR'] if r['val_mR'] is not None else '—':>6}  {r['path']}" for r in rows]
+    lines = [f"{r['name']:<16} {r['arch']:<8} val mR {format(r['val_mR'], '6.2f') if r['val_mR'] is not None else '     —'}  {r['path']}" for r in rows]
     emit(args, rows, "\n".join(lines) or "no models found")
     return 0

@@ -85,8 +85,6 @@ def demo_steps(win, query: Optional[str], tab: Optional[str]) -> Iterator[tuple[
         win.run_image(text)
     else:
         win.panel.query.setEditText(text)
-        if win.panel.query.lineEdit() is not None:
-            win.panel.query.lineEdit().setCursorPosition(0)  # show the start of a long query
         win.run_text(text)
     yield "search", lambda: win.last_result is not None or bool(win.last_error), 300
     yield "thumbnails", lambda: thumbs().idle(), 60

@@ -258,6 +258,8 @@ class QueryPanel(QWidget):
         self.query.addItems(items)
         self.query.setCurrentIndex(0)
         self.query.setEditText(text)
+        if self.query.lineEdit() is not None:
+            self.query.lineEdit().setCursorPosition(0)  # a long query shows its start
         self.query.blockSignals(False)
 
     def browse_image(self) -> None:
