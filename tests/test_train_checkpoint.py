@@ -159,3 +159,28 @@ def test_losses_respect_identical_captions():
     ref_i = torch.stack([(0.2 + s[2, j] - s[j, j]).clamp_min(0) for j in (0, 1)] +
                         [torch.max((0.2 + s[:2, 2] - s[2, 2]).clamp_min(0))]).mean()
     assert torch.isclose(vse_triplet(img, txt, 0.2, positives=same), ref_t + ref_i)
+
+
+def test_weight_ema_tracks_and_swaps_back():
+    """The EMA is a per-step lerp of the trainable weights; evaluation inside _swapped sees
+    the average and the model gets its own weights back afterwards (frozen ones untouched)."""
+    import torch
+    from torch import nn
+
+    from rsviewer.train.trainer import _Ema, _swapped
+
+    m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    m[1].weight.requires_grad_(False)
+    ema = _Ema(m, 0.5)
+    assert set(ema.shadow) == {"0.weight", "0.bias", "1.bias"}
+    start = m[0].weight.detach().clone()
+    with torch.no_grad():
+        m[0].weight.add_(2.0)
+    ema.update(m)
+    torch.testing.assert_close(ema.shadow["0.weight"], start + 1.0)  # 0.5 * start + 0.5 * (start + 2)
+    own = m[0].weight.detach().clone()
+    with _swapped(m, ema):
+        torch.testing.assert_close(m[0].weight, start + 1.0)
+    torch.testing.assert_close(m[0].weight, own)
+    with _swapped(m, None):  # no EMA: nothing changes
+        torch.testing.assert_close(m[0].weight, own)
