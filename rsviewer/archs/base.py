@@ -104,22 +104,16 @@ def make_head(din: int, dout: int, kind: str, hidden: int, dropout: float) -> nn
 
 
 def backbone_cam_layers(bb: nn.Module, names: Sequence[str] = ("head", "s32", "s16")) -> dict[str, nn.Module]:
-    """Grad-CAM preset layers of a CNN backbone, in the order of ``names`` (first = preset).
-
-    EfficientNet-Lite: ``head`` is the BatchNorm after the head conv (stride 32), ``s32``/
-    ``s16``/``s8`` the last block of that stride. ResNet: ``head``/``s32`` → layer4,
-    ``s16`` → layer3, ``s8`` → layer2. Other backbones: none.
-    """
+    """Grad-CAM preset layers of a backbone, in the order of ``names`` (first = preset),
+    as ``{"backbone.<name>": module}``; the backbone's ``cam_layers()`` says which module
+    plays each role. Backbones without it (ViT) give none."""
+    table = bb.cam_layers() if callable(getattr(bb, "cam_layers", None)) else {}
     out: dict[str, nn.Module] = {}
-    if hasattr(bb, "_conv_head"):
-        info = bb.feature_info
-        table = {"head": ("head", bb._bn1), "s32": ("s32", bb._blocks[info[2].block_index]),
-                 "s16": ("s16", bb._blocks[info[1].block_index]), "s8": ("s8", bb._blocks[info[0].block_index])}
-    elif hasattr(bb, "layer4"):
-        table = {"head": ("layer4", bb.layer4), "s32": ("layer4", bb.layer4),
-                 "s16": ("layer3", bb.layer3), "s8": ("layer2", bb.layer2)}
-    else:
-        return out
+    for n in names:
+        if n in table:
+            key, mod = table[n]
+            out.setdefault(f"backbone.{key}", mod)
+    return out
     for n in names:
         key, mod = table[n]
         out.setdefault(f"backbone.{key}", mod)

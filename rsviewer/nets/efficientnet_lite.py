@@ -169,6 +169,12 @@ class EfficientNetLite(nn.Module):
             out["s32"] = F.relu6(self._bn1(self._conv_head(h)))
         return out
 
+    def cam_layers(self) -> dict[str, tuple[str, nn.Module]]:
+        """Grad-CAM target layers by role: ``head`` (the BatchNorm after the head conv,
+        stride 32) and the last block of each stride; values are (display name, module)."""
+        info = {fi.stride: fi.block_index for fi in self.feature_info}
+        return {"head": ("head", self._bn1), **{f"s{s}": (f"s{s}", self._blocks[i]) for s, i in info.items()}}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.forward_features(x)["s32"]
         return self._fc(h.mean((2, 3)))

@@ -94,5 +94,10 @@ class ResNet(nn.Module):
         s32 = self.layer4(s16)
         return {"s8": s8, "s16": s16, "s32": s32}
 
+    def cam_layers(self) -> dict[str, tuple[str, nn.Module]]:
+        """Grad-CAM target layers by role (see EfficientNetLite.cam_layers); the head is layer4."""
+        return {"head": ("layer4", self.layer4), "s32": ("layer4", self.layer4),
+                "s16": ("layer3", self.layer3), "s8": ("layer2", self.layer2)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x)["s32"].mean((2, 3)))
