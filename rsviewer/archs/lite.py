@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nets.factory import create_backbone
-from ..nets.text import TextEncoder, mean_pool
+from ..nets.text import TextEncoder
 from ..train.losses import contrastive_loss
 from .base import BaseConfig, RetrievalModel, backbone_cam_layers, l2n, make_head
 from .registry import register
@@ -121,18 +121,11 @@ class Lite(RetrievalModel):
         return self.text.tokenize(texts)
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mask = tokens["attention_mask"]
-        hidden = self.text.embed_prefix(tokens["input_ids"], mask, self.text_prefix)
-        if self.text_prefix == self.text.num_layers:
-            return {"pooled": mean_pool(hidden, mask)}  # fully frozen: cache the sentence vector
-        return {"hidden": hidden, "mask": mask}
+        # fully frozen: the sentence vector is cached; otherwise the frozen prefix's token states
+        return self.text.prefix_features(tokens, self.text_prefix)
 
     def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "pooled" in feats:
-            return l2n(self.text_proj(feats["pooled"]))
-        mask = feats["mask"]
-        hidden = self.text.forward_layers(feats["hidden"], mask, self.text_prefix)
-        return l2n(self.text_proj(mean_pool(hidden, mask)))
+        return l2n(self.text_proj(self.text.pooled_from(feats, self.text_prefix)))
 
     # ---- training ---------------------------------------------------------------------------
     def training_loss(self, batch):

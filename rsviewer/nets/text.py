@@ -114,6 +114,24 @@ class TextEncoder(nn.Module):
         """Embeddings + first ``n_layers`` layers (the cacheable frozen part)."""
         return self.forward_layers(self.embed(input_ids), mask, 0, n_layers)
 
+    def prefix_features(self, tokens: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+        """Cacheable output of the frozen first ``n_layers``: the pooled sentence vector when
+        every layer is frozen, else the token states and the mask for :meth:`pooled_from`."""
+        mask = tokens["attention_mask"]
+        hidden = self.embed_prefix(tokens["input_ids"], mask, n_layers)
+        if n_layers == self.num_layers:
+            return {"pooled": mean_pool(hidden, mask)}
+        return {"hidden": hidden, "mask": mask}
+
+    def pooled_from(self, feats: dict[str, torch.Tensor], n_layers: int) -> torch.Tensor:
+        """Sentence vector from :meth:`prefix_features` (runs the layers after ``n_layers``)."""
+        if "pooled" in feats:
+            return feats["pooled"].float()
+        mask = feats["mask"]
+        n = int(mask.sum(1).max().item()) if mask.numel() else 1  # drop all-padding columns
+        mask, hidden = mask[:, :n], feats["hidden"][:, :n].float()
+        return mean_pool(self.forward_layers(hidden, mask, n_layers), mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token states of the whole encoder, (B, L, width)."""
         return self.forward_layers(self.embed(input_ids), attention_mask, 0, None)

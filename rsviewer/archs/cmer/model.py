@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nets.factory import create_backbone
-from ...nets.text import TextEncoder, mean_pool
+from ...nets.text import TextEncoder
 from ...train.losses import info_nce, positive_masks, soft_targets
 from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n, make_head
 from ..registry import register
@@ -230,20 +230,11 @@ class CMER(RetrievalModel):
         return self.text.tokenize(texts)
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mask = tokens["attention_mask"]
-        hidden = self.text.embed_prefix(tokens["input_ids"], mask, self.text_prefix)
-        if self.text_prefix == self.text.num_layers:
-            return {"pooled": mean_pool(hidden, mask)}  # no LoRA layers: cache the sentence vector
-        return {"hidden": hidden, "mask": mask}
+        # no LoRA layers: the sentence vector is cached; otherwise the frozen prefix's token states
+        return self.text.prefix_features(tokens, self.text_prefix)
 
     def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "pooled" in feats:
-            return l2n(self.text_proj(feats["pooled"].float()))
-        mask = feats["mask"]
-        n = int(mask.sum(1).max().item()) if mask.numel() else 1  # drop all-padding columns
-        mask, hidden = mask[:, :n], feats["hidden"][:, :n].float()
-        hidden = self.text.forward_layers(hidden, mask, self.text_prefix)
-        return l2n(self.text_proj(mean_pool(hidden, mask)))
+        return l2n(self.text_proj(self.text.pooled_from(feats, self.text_prefix)))
 
     def merge_lora(self) -> None:
         """Fold the LoRA updates into the frozen text weights (faster inference; do not
