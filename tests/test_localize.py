@@ -548,3 +548,21 @@ def test_cli_json(mosaic, default_model, tmp_path, monkeypatch):
     obj = json.loads(buf.getvalue())
     assert {"Rsu", "Ras", "Rda", "Rmi", "n_queries", "seconds", "per_query"} <= set(obj)
     assert obj["n_queries"] == 1 and Path(obj["per_query"][0]["overlay"]).exists()
+
+
+@needs_shared()
+def test_cli_overlay_format_from_suffix(mosaic, default_model, tmp_path, monkeypatch, capsys):
+    import rsviewer.cli.localize as cli_loc
+    from rsviewer.cli.main import main
+
+    monkeypatch.setenv("RSVIEWER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli_loc, "load", lambda args: default_model)
+    out = tmp_path / "ov.jpg"
+    args = ["localize", "--scene", str(mosaic), "--text", "tennis court", "--quiet", "--windows", "256"]
+    assert main(args + ["--out", str(out)]) == 0
+    assert Image.open(out).format == "JPEG" and Image.open(out).size == (512, 512)
+    # an unknown suffix is a one-line error before any work, and writes nothing
+    assert main(args + ["--out", str(tmp_path / "ov.bmpx")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "end it in .png, .jpg" in err[0]
+    assert not list(tmp_path.glob("ov.bmpx*"))

@@ -93,9 +93,13 @@ def test_resume_continues_from_state(tmp_path):
     finally:
         tr.evaluate_cached = orig
     assert (out / "train_state.pt").exists()
+    first_part = torch.load(out / "train_state.pt", weights_only=True)["wall_seconds"]
+    assert first_part > 0
     res = train("lite", UCM_JSON, out, config=cfg2, resume=True)
     assert [h["epoch"] for h in res.history] == [1, 2]
     assert not (out / "train_state.pt").exists()
+    # wall time covers the interrupted part as well as the resumed one
+    assert json.loads((out / "metrics.json").read_text())["wall_seconds"] >= round(first_part, 1)
 
 
 def test_registry_and_wrong_arch(tmp_path):

@@ -114,10 +114,7 @@ def backbone_cam_layers(bb: nn.Module, names: Sequence[str] = ("head", "s32", "s
             key, mod = table[n]
             out.setdefault(f"backbone.{key}", mod)
     return out
-    for n in names:
-        key, mod = table[n]
-        out.setdefault(f"backbone.{key}", mod)
-    return out
+
 
 class RetrievalModel(nn.Module):
     """Base class; subclasses set ``arch``, ``Config`` and implement the abstract parts."""

@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--scene", help="scene image (JPEG, PNG, TIFF; tiled TIFFs are read by region)")
     p.add_argument("--text", action="append", default=None,
                    help="query; repeat to average several phrasings on the text side")
-    p.add_argument("--out", help="overlay PNG to write (JET map at 0.3 over the scene at 0.7)")
+    p.add_argument("--out", help="overlay to write, .png or .jpg (JET map at 0.3 over the scene at 0.7)")
     p.add_argument("--anno", help="SeLo anno.json: ground-truth polygons (with --scene: drawn, and metrics "
                                   "when the query matches an entry; without --scene: evaluate all queries)")
     p.add_argument("--scenes", help="with --anno: folder of the scene images (default: images/ next to anno.json)")
@@ -81,7 +81,10 @@ def run(args) -> int:
 
 def _run_scene(args) -> int:
     from ..localize import load_anno, localize, open_scene, selo_metrics
-    from ..utils.atomic import atomic_file
+    from ..utils.atomic import image_format, save_image
+
+    if args.out:
+        image_format(args.out)  # a bad suffix fails before the scene is read
 
     text = args.text[0] if len(args.text) == 1 else list(args.text)
     entries = load_anno(args.anno) if args.anno else []  # bad input fails before the model loads
@@ -101,9 +104,7 @@ def _run_scene(args) -> int:
         out = None
         if args.out:
             img = res.overlay(polygons=polys, image=sc.thumbnail(args.max_side))
-            out = Path(args.out)
-            with atomic_file(out, "wb") as fh:
-                img.save(fh, format="PNG")
+            out = save_image(img, args.out)
     obj = res.to_json()
     obj["model"] = getattr(model, "name", None)
     if out:

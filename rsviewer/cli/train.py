@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--views", type=int, default=None, help="dihedral augmentations per image (1-8)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ema", type=float, default=None, help="weight EMA decay per step (e.g. 0.98; 0 = off)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="validate (and maybe save) every N epochs and after the last (pairwise archs: val is costly)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--loss", default=None, help="lite, galr: infonce | triplet | both (see each architecture's config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -53,7 +55,7 @@ def run(args) -> int:
 
     cls = arch_class(args.arch)
     defaults = dict(getattr(cls, "train_defaults", {}))
-    for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed", "ema"):
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed", "ema", "eval_every"):
         v = getattr(args, key)
         if v is not None:
             defaults[key] = v

@@ -235,6 +235,7 @@ def train(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        t_start -= float(state.get("wall_seconds", 0.0))  # wall time counts the earlier part too
         rng = np.random.default_rng(cfg.seed + start_epoch)
         torch.manual_seed(cfg.seed + start_epoch)
         log(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (best val mR so far {best['mR']:.2f})")
@@ -308,6 +309,7 @@ def train(
                     "best": best,
                     "epoch": epoch,
                     "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema is not None else None,
+                    "wall_seconds": time.time() - t_start,
                 },
                 fh,
             )
@@ -361,7 +363,6 @@ def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, 
 
     if not (out / "config.json").exists():
         return
-    prev_seconds = 0.0
     metrics = {
         "arch": arch,
         "data": str(data),
@@ -379,7 +380,7 @@ def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, 
         "train_config": asdict(cfg),
         "epochs_run": len(history),
         "best_epoch": best["epoch"],
-        "wall_seconds": round(time.time() - t_start + prev_seconds, 1),
+        "wall_seconds": round(time.time() - t_start, 1),  # includes the parts before any --resume
         "complete": final,
         "val": best["val"],
         "parameters": model.parameter_counts(),
