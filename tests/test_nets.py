@@ -43,6 +43,28 @@ def test_efficientnet_feature_maps_strides():
     assert f["s32"].shape == (1, 1280, 8, 8)
 
 
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18"])
+@pytest.mark.parametrize("tap", ["s8", "s16"])
+def test_backbone_split_equals_full_forward(name, tap):
+    # partial fine-tuning caches forward_features(upto=tap) and runs forward_from(tap) per step
+    model, _ = create_backbone(name, None if name.startswith("efficientnet") else "random")
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        full = model.eval().forward_features(x)
+        part = model.forward_features(x, upto=tap)
+        rest = model.forward_from(part[tap], tap)
+    later = {"s8": {"s16", "s32"}, "s16": {"s32"}}[tap]
+    assert set(rest) == later and tap in part and not (later & set(part))
+    for k in later:
+        assert torch.equal(rest[k], full[k]), k
+    prefixes = model.prefixes_after(tap)
+    names = [n for n, _ in model.named_parameters()]
+    tuned = [n for n in names if n.startswith(tuple(prefixes))]
+    assert 0 < len(tuned) < len(names)
+    with pytest.raises(ValueError, match="cannot split"):
+        model.forward_features(x, upto="s32")
+
+
 @pytest.mark.parametrize("name,c32", [("resnet18", 512), ("resnet50", 2048), ("vit-b16", 768)])
 def test_user_weights_round_trip(tmp_path, name, c32):
     from safetensors.torch import save_file

@@ -188,3 +188,32 @@ def test_weight_ema_tracks_and_swaps_back():
     torch.testing.assert_close(m[0].weight, own)
     with _swapped(m, None):  # no EMA: nothing changes
         torch.testing.assert_close(m[0].weight, own)
+
+
+@needs_shared()
+def test_partial_backbone_finetuning(tmp_path):
+    """image_train_from="s16": the stride-32 stage and head conv train (slower lr), their
+    tensors are saved, everything below stays the packaged ImageNet weights."""
+    from rsviewer.nets.factory import create_backbone
+
+    out = tmp_path / "ft"
+    cfg = TrainConfig(**{**TINY, "epochs": 2, "max_train_images": 32, "batch_size": 16})
+    res = train("lite", UCM_JSON, out, config=cfg,
+                model_config={"hidden": 64, "embed_dim": 32, "image_train_from": "s16"})
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    tensors = load_file(str(out / "model.safetensors"))
+    tuned = sorted({k.split(".")[1] for k in tensors if k.startswith("backbone.")})
+    assert tuned == ["_blocks", "_bn1", "_conv_head"]
+    assert {int(k.split(".")[2]) for k in tensors if k.startswith("backbone._blocks.")} == set(range(11, 16))
+    base, _ = create_backbone("efficientnet-lite0")
+    model = load_model(out)
+    bsd, msd = base.state_dict(), model.backbone.state_dict()
+    assert torch.equal(bsd["_blocks.10._project_conv.weight"], msd["_blocks.10._project_conv.weight"])
+    assert not torch.equal(bsd["_blocks.15._project_conv.weight"], msd["_blocks.15._project_conv.weight"])
+    x = torch.randn(2, 3, 128, 128)
+    again = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), again.encode_image(x))
+        # the split path equals the model's full forward (what search, explain, localize run)
+        full = model.image_proj(model.pool(model.feature_maps(x)))
+        assert torch.allclose(model.encode_image(x), torch.nn.functional.normalize(full, dim=-1), atol=1e-5)

@@ -277,6 +277,11 @@ class RetrievalModel(nn.Module):
             out[k] = v.detach().cpu().contiguous()
         return out
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name prefix (e.g. a fine-tuned backbone
+        learns slower than the new heads); the trainer applies the first prefix that matches."""
+        return {}
+
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
         trained = sum(v.numel() for v in self.trained_state_dict().values() if v.is_floating_point())

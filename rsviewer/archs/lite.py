@@ -42,6 +42,11 @@ class LiteConfig(BaseConfig):
     hidden: int = 1024
     dropout: float = 0.2
     text_train_layers: int = 0  # top MiniLM layers fine-tuned (0: frozen text encoder)
+    # partial fine-tuning of the image backbone: "" = frozen; "s16" = train everything past
+    # the stride-16 map (EfficientNet-Lite's stride-32 stage + head conv; ResNet's layer4);
+    # "s8" = also the stride-16 stage. The frozen part's output is what the trainer caches.
+    image_train_from: str = ""
+    backbone_lr_scale: float = 0.1  # learning-rate multiplier of the fine-tuned backbone layers
     loss: str = "both"  # "infonce" | "triplet" | "both" (InfoNCE + hardest-negative triplet)
     label_alpha: float = 0.5  # weight of same-scene-label soft positives in InfoNCE
     margin: float = 0.2  # triplet margin
@@ -56,7 +61,7 @@ class Lite(RetrievalModel):
     # val mR stays within ~0.5 of its best from epoch 6 on, so 15 epochs are plenty
     train_defaults = {"epochs": 15, "views": 8, "ema": 0.98}
     feature_keys = {
-        "image": ("image_backbone", "image_weights", "image_size", "pool"),
+        "image": ("image_backbone", "image_weights", "image_size", "pool", "image_train_from"),
         "text": ("text_weights", "max_tokens", "text_train_layers"),
     }
 
@@ -70,6 +75,11 @@ class Lite(RetrievalModel):
         k = max(0, min(cfg.text_train_layers, n_text))
         self.text_prefix = n_text - k
         self.finetuned = [f"text.bert.encoder.layer.{i}." for i in range(self.text_prefix, n_text)]
+        self.split = cfg.image_train_from or None
+        if self.split:
+            if not hasattr(self.backbone, "prefixes_after"):
+                raise ValueError(f"{cfg.image_backbone} cannot be partly fine-tuned (no stage split)")
+            self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after(self.split)]
         c32 = self.backbone.num_features
         c16 = self.backbone.feature_info[1].channels
         din = {"mean": c32, "mean_max": 2 * c32, "mean_max_s16": 2 * c32 + c16}.get(cfg.pool)
@@ -93,10 +103,19 @@ class Lite(RetrievalModel):
         return torch.cat(parts, 1)
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.split:  # frozen part only: the map the fine-tuned layers start from
+            maps = self.backbone.forward_features(pixels, upto=self.split)
+            return {k: maps[k] for k in ("s16", self.split) if k in maps and (k == self.split or self.cfg.pool == "mean_max_s16")}
         return {"pooled": self.pool(self.feature_maps(pixels))}
 
     def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.split:
+            maps = {**feats, **self.backbone.forward_from(feats[self.split].float(), self.split)}
+            return l2n(self.image_proj(self.pool({k: v.float() for k, v in maps.items()})))
         return l2n(self.image_proj(feats["pooled"]))
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"backbone.": self.cfg.backbone_lr_scale} if self.split else {}
 
     def local_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w): the head applied at every stride-32 position (patch similarity).

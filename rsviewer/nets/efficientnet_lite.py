@@ -157,17 +157,46 @@ class EfficientNetLite(nn.Module):
         self.feature_info = [fi for fi in infos if fi.stride >= 8]
         self._taps = {fi.block_index: fi.stride for fi in self.feature_info}
 
-    def forward_features(self, x: torch.Tensor, head: bool = True) -> dict[str, torch.Tensor]:
-        """Feature maps ``{"s8", "s16", "s32"}``; ``s32`` is after the 1280-d head conv when ``head``."""
+    def forward_features(self, x: torch.Tensor, head: bool = True, upto: str | None = None) -> dict[str, torch.Tensor]:
+        """Feature maps ``{"s8", "s16", "s32"}``; ``s32`` is after the 1280-d head conv when ``head``.
+
+        ``upto="s8"|"s16"``: stop after that stride's last block (the frozen part of a
+        partly fine-tuned backbone; :meth:`forward_from` runs the rest)."""
+        stop = self._tap_index(upto) if upto else len(self._blocks) - 1
         h = F.relu6(self._bn0(self._conv_stem(x)))
         out: dict[str, torch.Tensor] = {}
-        for i, blk in enumerate(self._blocks):
+        for i, blk in enumerate(self._blocks[: stop + 1]):
             h = blk(h)
+            if i in self._taps:
+                out[f"s{self._taps[i]}"] = h
+        if head and upto is None:
+            out["s32"] = F.relu6(self._bn1(self._conv_head(h)))
+        return out
+
+    def forward_from(self, h: torch.Tensor, after: str, head: bool = True) -> dict[str, torch.Tensor]:
+        """The maps past tap ``after`` from its output ``h`` (the trained part of a partly
+        fine-tuned backbone): ``forward_from(forward_features(x, upto=t)[t], t)`` gives the
+        later maps of ``forward_features(x)``."""
+        start = self._tap_index(after) + 1
+        out: dict[str, torch.Tensor] = {}
+        for i in range(start, len(self._blocks)):
+            h = self._blocks[i](h)
             if i in self._taps:
                 out[f"s{self._taps[i]}"] = h
         if head:
             out["s32"] = F.relu6(self._bn1(self._conv_head(h)))
         return out
+
+    def prefixes_after(self, after: str) -> list[str]:
+        """State-dict prefixes of every layer past tap ``after`` (what partial fine-tuning trains)."""
+        start = self._tap_index(after) + 1
+        return [f"_blocks.{i}." for i in range(start, len(self._blocks))] + ["_conv_head.", "_bn1."]
+
+    def _tap_index(self, tap: str) -> int:
+        taps = {f"s{s}": i for i, s in self._taps.items() if s < 32}
+        if tap not in taps:
+            raise ValueError(f"cannot split the backbone after {tap!r}; use one of {', '.join(taps)}")
+        return taps[tap]
 
     def cam_layers(self) -> dict[str, tuple[str, nn.Module]]:
         """Grad-CAM target layers by role: ``head`` (the BatchNorm after the head conv,

@@ -86,13 +86,31 @@ class ResNet(nn.Module):
         self.feature_info = [StageInfo(8, 2, 128 * e), StageInfo(16, 3, 256 * e), StageInfo(32, 4, 512 * e)]
         self.num_features = 512 * e
 
-    def forward_features(self, x: torch.Tensor, head: bool = True) -> dict[str, torch.Tensor]:
+    _LAYERS = {"s8": "layer2", "s16": "layer3", "s32": "layer4"}
+
+    def forward_features(self, x: torch.Tensor, head: bool = True, upto: str | None = None) -> dict[str, torch.Tensor]:
+        """``{"s8", "s16", "s32"}``; ``upto="s8"|"s16"`` stops after that stage (see EfficientNetLite)."""
+        if upto is not None and upto not in ("s8", "s16"):
+            raise ValueError(f"cannot split the backbone after {upto!r}; use s8 or s16")
         h = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        h = self.layer1(h)
-        s8 = self.layer2(h)
-        s16 = self.layer3(s8)
-        s32 = self.layer4(s16)
-        return {"s8": s8, "s16": s16, "s32": s32}
+        out = {"s8": self.layer2(self.layer1(h))}
+        if upto != "s8":
+            out["s16"] = self.layer3(out["s8"])
+            if upto is None:
+                out["s32"] = self.layer4(out["s16"])
+        return out
+
+    def forward_from(self, h: torch.Tensor, after: str, head: bool = True) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if after == "s8":
+            h = out["s16"] = self.layer3(h)
+        elif after != "s16":
+            raise ValueError(f"cannot split the backbone after {after!r}; use s8 or s16")
+        out["s32"] = self.layer4(h)
+        return out
+
+    def prefixes_after(self, after: str) -> list[str]:
+        return {"s8": ["layer3.", "layer4."], "s16": ["layer4."]}[after]
 
     def cam_layers(self) -> dict[str, tuple[str, nn.Module]]:
         """Grad-CAM target layers by role (see EfficientNetLite.cam_layers); the head is layer4."""

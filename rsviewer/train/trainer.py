@@ -218,11 +218,17 @@ def train(
     else:
         raise RsviewerError(f"{arch}: end-to-end training without feature caching needs a GPU run; see docs")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    scales = model.lr_scales()
+    groups: dict[tuple[float, bool], list] = {}
+    for n, p in named:  # one group per (lr multiplier, decay or not)
+        mult = next((v for k, v in scales.items() if n.startswith(k)), 1.0)
+        groups.setdefault((mult, p.ndim >= 2), []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        [{"params": ps, "lr": cfg.lr * mult, "weight_decay": cfg.weight_decay if dec else 0.0}
+         for (mult, dec), ps in sorted(groups.items(), key=lambda kv: (-kv[0][1], -kv[0][0]))],
+        lr=cfg.lr,
     )
     steps_per_epoch = max(1, len(tr.ds) // min(cfg.batch_size, len(tr.ds)))
     total = steps_per_epoch * cfg.epochs
