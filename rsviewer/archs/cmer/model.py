@@ -89,6 +89,10 @@ class CMERConfig(BaseConfig):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: str = "query,value"
+    # partial fine-tuning of the main branch (beyond the paper, whose CLIP stays frozen):
+    # "" = frozen; "s16" = train the layers past the stride-16 map (see lite.LiteConfig)
+    image_train_from: str = ""
+    backbone_lr_scale: float = 0.1
     # scene-label prompt augmentation (training only)
     scene_prompt: str = DEFAULT_TEMPLATE
     scene_prompt_prob: float = 0.5  # fraction of training captions that get the prompt
@@ -109,7 +113,7 @@ class CMER(RetrievalModel):
     Config = CMERConfig
     feature_version = "1"
     feature_keys = {
-        "image": ("image_backbone", "image_weights", "image_size", "stages", "pool"),
+        "image": ("image_backbone", "image_weights", "image_size", "stages", "pool", "image_train_from"),
         "text": ("text_weights", "max_tokens", "lora_layers"),
     }
     train_defaults = {"epochs": 30, "lr": 1e-3, "views": 4, "batch_size": 128}
@@ -151,6 +155,11 @@ class CMER(RetrievalModel):
         paths = sorted(set(wrapped))
         self.finetuned = [f"text.bert.encoder.layer.{i}.{p}.lora_" for i in range(self.text_prefix, n_text) for p in paths]
         self.bases = {"backbone": bref, "text": self.text.weights_ref}
+        self.split = cfg.image_train_from or None
+        if self.split:
+            if self.split != "s16" or "s8" in self.stages:
+                raise ValueError("cmer fine-tunes the backbone from s16 only, with stages among s16,s32")
+            self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after(self.split)]
         self.text_proj = make_head(self.text.width, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
 
@@ -177,12 +186,30 @@ class CMER(RetrievalModel):
         return torch.cat(parts, 1)
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Frozen stage outputs ``v_d`` for the side branch + the pooled main-branch vector."""
+        """Frozen stage outputs ``v_d`` for the side branch + the pooled main-branch vector
+        (with ``image_train_from``: only the frozen part's stride-16 map)."""
+        if self.split:
+            return {"s16": self.backbone.forward_features(pixels, upto="s16")["s16"]}
         maps = self.backbone.forward_features(pixels, head=False)
         out = {s: maps[s] for s in self.stages}
         if self.image_proj is not None:
             out["pooled"] = self._pool(self._head_map(maps["s32"]), maps["s16"])
         return out
+
+    def _finish_features(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With a fine-tuned top, run it on the cached stride-16 map: the same dict as
+        ``image_features`` of a frozen model."""
+        if not self.split:
+            return feats
+        s16 = feats["s16"].float()
+        s32 = self.backbone.forward_from(s16, "s16", head=False)["s32"]
+        out = {s: m for s, m in (("s16", s16), ("s32", s32)) if s in self.stages}
+        if self.image_proj is not None:
+            out["pooled"] = self._pool(self._head_map(s32), s16)
+        return out
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"backbone.": self.cfg.backbone_lr_scale} if self.split else {}
 
     def side_branch(self, feats: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Run the Focus-Adapters stage to stage (eq. 10: f_{d−1} feeds adapter d); returns f_D."""
@@ -192,6 +219,7 @@ class CMER(RetrievalModel):
         return f
 
     def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = self._finish_features(feats)
         emb = 0.0
         if self.stages:
             f = self.side_branch(feats)
