@@ -19,12 +19,11 @@ from .core import (
     Explanation,
     ImageSimilarityTarget,
     SimilarityTarget,
-    available_methods,
-    explain,
     gradcam_layer_names,
     map_stats,
     upsample,
 )
+from .run import available_methods, explain
 
 __all__ = [
     "CAM_METHODS",

@@ -10,7 +10,6 @@ No Qt here: the GUI calls :func:`explain` from a worker thread.
 """
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from PIL import Image
 from ..archs.base import ExplainMaps, RetrievalModel, check_query
 from ..data import load_image
 from ..errors import NotAvailable, QueryError
-from ..utils.progress import CancelToken, ProgressFn, check, report
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "rollout", "attention", "patch", "tokens", "words")
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -321,125 +319,3 @@ def word_embedding_layer(model: RetrievalModel) -> Optional[torch.nn.Module]:
     if isinstance(emb, torch.nn.Embedding):
         return emb
     return None
-
-
-def available_methods(model: RetrievalModel) -> list[str]:
-    """The methods of :data:`METHODS` this model supports (in that order). Runs at most
-    one small ``explain_maps`` probe per model (cached)."""
-    out = []
-    cams = bool(cam_layers(model))
-    probe = None
-
-    def pr() -> ExplainMaps:
-        nonlocal probe
-        if probe is None:
-            probe = probe_maps(model)
-        return probe
-
-    for m in METHODS:
-        if m in CAM_METHODS:
-            ok = cams
-        elif m == "rollout":
-            from .maps import stage_attention_maps, vit_backbone
-
-            ok = vit_backbone(model) is not None or (
-                has_image_attention(model) and bool(stage_attention_maps(pr().image_maps))
-            )
-        elif m == "attention":
-            ok = bool(pr().image_maps)
-        elif m == "patch":
-            ok = callable(getattr(model, "local_embeddings", None))
-        elif m == "tokens":
-            ok = bool(pr().token_words)
-        else:  # words
-            ok = bool(pr().word_weights) or word_embedding_layer(model) is not None
-        if ok:
-            out.append(m)
-    return out
-
-
-# ---- the entry point ------------------------------------------------------------------------
-def explain(
-    model: RetrievalModel,
-    image: Any,
-    text: Optional[str] = None,
-    method: str = "gradcam",
-    layer: Optional[str] = None,
-    progress: Optional[ProgressFn] = None,
-    cancel: Optional[CancelToken] = None,
-    **opts,
-) -> Explanation:
-    """Explain the similarity of ``image`` with ``text`` (or ``query_image=``) by ``method``.
-
-    Options (all optional): ``query_image`` (PIL image or path, instead of ``text``);
-    ``input_size`` (run the model at this square size instead of ``model.image_size``;
-    finer grids for large images); ``smooth`` (Gaussian sigma of the final map: a
-    fraction of the shorter side if < 1, else pixels; default 0); Score-CAM:
-    ``channels`` (top-k channels by mean activation, default 16), ``batch_size`` (16),
-    ``weighting`` ("increase" | "softmax"), ``temperature``; rollout:
-    ``head_fusion`` ("mean" | "max"); attention: ``map`` (name of the image map to show);
-    tokens: ``top_words`` (3).
-    """
-    if method not in METHODS:
-        raise QueryError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    t0 = time.perf_counter()
-    check(cancel)
-    img = as_rgb_image(image)
-    query_image = opts.pop("query_image", None)
-    if text is not None and query_image is not None:
-        raise QueryError("give either a query text or a query image, not both")
-    input_size = opts.pop("input_size", None)
-    if input_size is not None:
-        input_size = int(input_size)
-        if not 32 <= input_size <= 4096:
-            raise QueryError(f"input_size must be between 32 and 4096, not {input_size}")
-    smooth = float(opts.pop("smooth", 0.0) or 0.0)
-    was_training = model.training
-    model.eval()
-    try:
-        report(progress, 0, 3, f"{method}: encoding the query")
-        query = make_query(model, text, query_image, input_size)
-        check(cancel)
-        pixels = model.preprocess([img], input_size).to(model.device)
-        report(progress, 1, 3, f"{method}: computing")
-        from . import maps as M
-
-        res = M.compute(model, pixels, query, method, layer=layer, progress=progress, cancel=cancel, **opts)
-        check(cancel)
-        size = img.size
-        heatmap = None
-        if res.grid is not None:
-            heatmap = finish_map(res.grid, size, rectify=res.rectify, smooth=smooth)
-        info = dict(res.info)
-        info.update(
-            {
-                "seconds": round(time.perf_counter() - t0, 4),
-                "input_size": int(pixels.shape[-1]),
-                "model": getattr(model, "name", model.arch),
-                "arch": model.arch,
-                "query": "text" if query.is_text else "image",
-            }
-        )
-        if res.grid is not None:
-            info.setdefault("grid", list(np.asarray(res.grid).shape[-2:]))
-        if smooth:
-            info["smooth"] = smooth
-        if query_image is not None and isinstance(query_image, (str, Path)):
-            info["query_image"] = str(query_image)
-        report(progress, 3, 3, f"{method}: done")
-        return Explanation(
-            method=method,
-            text=query.text,
-            image=img,
-            heatmap=heatmap,
-            score=float(res.score),
-            words=res.words,
-            word_weights=res.word_weights,
-            word_rows=res.word_rows,
-            grids=res.grids,
-            grid_words=res.grid_words,
-            layer=res.layer,
-            info=info,
-        )
-    finally:
-        model.train(was_training)

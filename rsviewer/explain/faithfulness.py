@@ -29,7 +29,8 @@ from ..data import Dataset, load_dataset, load_image
 from ..errors import NotAvailable, QueryError, RsviewerError
 from ..utils.progress import CancelToken, ProgressFn, check, report
 from .cam import grad_cams
-from .core import HEATMAP_METHODS, METHODS, Query, SimilarityTarget, available_methods, resolve_layer
+from .core import HEATMAP_METHODS, METHODS, Query, SimilarityTarget, resolve_layer
+from .run import available_methods
 from .maps import compute
 
 BASELINES = ("blur", "mean")
