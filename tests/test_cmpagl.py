@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from rsviewer.archs.registry import create_model
 from rsviewer.archs.cmpagl.gswin import (
     GlobalWindowGenerator,
     Gswin,
@@ -300,3 +301,32 @@ def test_tiny_training_run_loss_falls(tmp_path):
     assert 0.0 <= res.val["mR"] <= 100.0
     m = load_model(tmp_path / "run", expect_arch="cmpagl")
     assert m.cfg.width == TINY["width"]
+
+
+def test_partial_backbone_finetuning_matches_the_frozen_path():
+    torch.manual_seed(0)
+    frozen = create_model("cmpagl", **TINY)
+    tuned = create_model("cmpagl", **TINY, image_train_from="s16")
+    tuned.load_state_dict(frozen.state_dict())
+    tuned.freeze_bases()
+    trained = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone._blocks.15.") for n in trained)
+    assert not any(n.startswith("backbone._blocks.10.") for n in trained)
+    frozen.eval(), tuned.eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        assert set(tuned.image_features(x)) == {"s8", "s16"}
+        assert torch.allclose(frozen.encode_image(x), tuned.encode_image(x), atol=1e-5)
+    with pytest.raises(ValueError, match="from s16 only"):
+        create_model("cmpagl", **TINY, image_train_from="s16", inject="s16")
+
+
+@needs_shared()
+def test_partial_finetuning_trains_with_its_momentum_copy(tmp_path):
+    from rsviewer.train.trainer import TrainConfig, train
+
+    torch.set_num_threads(1)
+    res = train("cmpagl", UCM_JSON, tmp_path / "m", model_config={**TINY, "image_train_from": "s16"},
+                config=TrainConfig(epochs=2, batch_size=8, lr=2e-3, max_train_images=24, max_val_images=8, views=1),
+                log=lambda msg: None)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]

@@ -111,6 +111,10 @@ class CMPAGLConfig(BaseConfig):
     use_global: bool = True  # GW: global windows + GLW-CA (ablation switch)
     use_shift: bool = True  # SLW: shifted local windows (ablation switch)
     inject: str = "s16+s32"  # cnn stem: deeper frozen maps added to stage inputs ("" = pure Gswin)
+    # cnn stem with s32 injected: "s16" fine-tunes the CNN past its stride-16 map (the
+    # stride-32 stage feeding stage 3), at backbone_lr_scale × lr; "" keeps it frozen
+    image_train_from: str = ""
+    backbone_lr_scale: float = 0.1
     # text / multimodal
     text_train_layers: int = 0  # top layers of the text half fine-tuned (0 = frozen, cached)
     text_pool: str = "mean"  # "mean" | "cls"
@@ -136,7 +140,7 @@ class CMPAGL(RetrievalModel):
     Config = CMPAGLConfig
     feature_version = "1"
     feature_keys = {
-        "image": ("image_backbone", "image_weights", "image_size", "stem", "inject"),
+        "image": ("image_backbone", "image_weights", "image_size", "stem", "inject", "image_train_from"),
         "text": ("text_weights", "max_tokens", "text_train_layers"),
     }
     train_defaults = {"epochs": 20, "lr": 5e-4, "batch_size": 64, "views": 4, "weight_decay": 0.05, "warmup": 0.1}
@@ -201,6 +205,11 @@ class CMPAGL(RetrievalModel):
         self.mlm_head = MLMHead(width, int(bcfg.vocab_size), eps)
         top = n if cfg.fusion_finetune else self.split
         self.finetuned = [f"text.bert.encoder.layer.{i}." for i in range(self.text_prefix, top)]
+        self.image_split = cfg.image_train_from or None
+        if self.image_split:
+            if self.image_split != "s16" or "s32" not in self.inject:
+                raise ValueError("cmpagl fine-tunes the CNN from s16 only, with the cnn stem and s32 injected")
+            self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after("s16")]
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
 
         tok = self.text.tokenizer
@@ -216,8 +225,14 @@ class CMPAGL(RetrievalModel):
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.stem == "pixels":
             return {"pixels": pixels}
+        if self.image_split:  # the fine-tuned stride-32 stage runs in _tokens
+            maps = self.backbone.forward_features(pixels, upto="s16")
+            return {"s8": maps["s8"], "s16": maps["s16"]}
         maps = self.backbone.forward_features(pixels, head=False)
         return {"s8": maps["s8"], **{s: maps[s] for s in self.inject}}
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"backbone.": self.cfg.backbone_lr_scale} if self.image_split else {}
 
     @staticmethod
     def _grid(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, H, W, C)
@@ -230,6 +245,8 @@ class CMPAGL(RetrievalModel):
             x = m["patch_norm"](self._grid(m["patch_embed"](feats["pixels"])))
             return m["gswin"](x)
         x = m["patch_embed"](self._grid(feats["s8"]))
+        if self.image_split and "s32" not in feats:  # (the momentum copy has its own CNN top)
+            feats = {**feats, "s32": m["backbone"].forward_from(feats["s16"].float(), "s16", head=False)["s32"]}
         lateral = {}
         res = x.shape[1:3]
         for i, s in enumerate(self.inject):
@@ -246,6 +263,8 @@ class CMPAGL(RetrievalModel):
         d = {"gswin": self.gswin, "patch_embed": self.patch_embed, "lateral": self.lateral, "image_proj": self.image_proj}
         if self.cfg.stem == "pixels":
             d["patch_norm"] = self.patch_norm
+        if self.image_split:
+            d["backbone"] = self.backbone
         return d
 
     def _image_embed(self, feats, mods: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
