@@ -31,7 +31,7 @@ QUERIES = [
     "a baseball field surrounded by green trees",
     "many boats docked at the harbor",
 ]
-ORDER = ["default", "galr-ucm", "mssa-ucm", "cmpagl-ucm", "cmer-ucm"]
+ORDER = ["default", "lite-ft-ucm", "galr-ucm", "mssa-ucm", "cmpagl-ucm", "cmer-ucm"]
 
 
 def fmt_params(n: int) -> str:
