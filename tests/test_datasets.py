@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +59,9 @@ def test_ucm_karpathy():
 
 
 @needs_shared
-def test_ucm_split_and_speed():
-    load_dataset(UCM)  # warm the file cache
-    t = time.perf_counter()
+def test_ucm_split():
+    # (load speed is not asserted here: a timed test fails on a busy machine)
     ds = load_dataset(UCM, split="val")
-    assert time.perf_counter() - t < 0.1
     assert len(ds) == 210 and set(ds.splits()) == {"val"}
     assert load_dataset(UCM).split("all").splits() == {"train": 1680, "val": 210}
     with pytest.raises(DatasetError, match=r"no 'test' split \(available: train 1680, val 210\)") as info:
