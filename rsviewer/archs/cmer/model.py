@@ -116,7 +116,9 @@ class CMER(RetrievalModel):
         "image": ("image_backbone", "image_weights", "image_size", "stages", "pool", "image_train_from"),
         "text": ("text_weights", "max_tokens", "lora_layers"),
     }
-    train_defaults = {"epochs": 30, "lr": 1e-3, "views": 4, "batch_size": 128}
+    # the recipe of models/cmer-ucm (with --set label_alpha=0.5 --set image_train_from='"s16"'):
+    # the weight EMA and 8 views gave +0.6 val mR over 4 views without EMA, frozen or not
+    train_defaults = {"epochs": 15, "lr": 1e-3, "views": 8, "batch_size": 128, "ema": 0.98}
 
     def __init__(self, cfg: CMERConfig, extra: Optional[dict] = None):
         super().__init__(cfg, extra)
