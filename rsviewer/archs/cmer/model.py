@@ -117,7 +117,7 @@ class CMER(RetrievalModel):
         "text": ("text_weights", "max_tokens", "lora_layers"),
     }
     # the recipe of models/cmer-ucm (with --set label_alpha=0.5 --set image_train_from='"s16"'):
-    # the weight EMA and 8 views gave +0.6 val mR over 4 views without EMA, frozen or not
+    # with the backbone frozen, the weight EMA and 8 views gave val mR 49.59 against 48.94 without them
     train_defaults = {"epochs": 15, "lr": 1e-3, "views": 8, "batch_size": 128, "ema": 0.98}
 
     def __init__(self, cfg: CMERConfig, extra: Optional[dict] = None):
