@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -92,12 +93,15 @@ def main() -> None:
             "gallery_images": index.meta["n_images"],
         })
     cpu = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         f"Validation split of UCM-Captions ({args.split}: 210 images, 1,050 captions), SPEC §3 protocol,",
         "recall as the expected value under random tie-breaking of identical captions (ceiling on val: mR 73.05).",
         "Models were selected on this split (epoch/hyper-parameters), so these are selection numbers,",
-        "not held-out test numbers; the UCM test split is withheld here. Query times are medians on the",
-        "shared project machine while other jobs ran; compare them with each other, not with bench/query.py.",
+        "not held-out test numbers; the UCM test split is withheld here. Scores were computed with",
+        f"{torch.get_num_threads()} threads: the thread count changes float summation order, which moves some near-tied",
+        "ranks (up to ±0.15 mR seen between 1 and 2 threads). Query times are medians over the demo gallery",
+        f"(load average {load:.1f} at the end of the run); compare them with each other, not with bench/query.py.",
         "",
         "| model | arch | rerank | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | **mR** |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
