@@ -105,7 +105,8 @@ class Lite(RetrievalModel):
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.split:  # frozen part only: the map the fine-tuned layers start from
             maps = self.backbone.forward_features(pixels, upto=self.split)
-            return {k: maps[k] for k in ("s16", self.split) if k in maps and (k == self.split or self.cfg.pool == "mean_max_s16")}
+            keep = {self.split} | ({"s16"} & set(maps) if self.cfg.pool == "mean_max_s16" else set())
+            return {k: maps[k] for k in keep}
         return {"pooled": self.pool(self.feature_maps(pixels))}
 
     def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
