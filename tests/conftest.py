@@ -80,3 +80,26 @@ def small_index(default_model, small_gallery, tmp_path_factory):
     data, images = small_gallery
     out = tmp_path_factory.mktemp("index") / "idx"
     return build_index(default_model, data, out, images=str(images))
+
+
+def assert_split_matches_frozen(arch: str, config: dict, x, cached: set[str]) -> None:
+    """Partial fine-tuning (``image_train_from``) starts as the frozen model: with equal
+    weights the embedding is the same; only the layers past the split train (at 0.1 × lr),
+    and ``image_features`` (what the trainer caches) holds just ``cached``."""
+    import torch
+
+    from rsviewer.archs.registry import create_model
+
+    torch.manual_seed(0)
+    frozen = create_model(arch, **config)
+    tuned = create_model(arch, **config, image_train_from="s16")
+    tuned.load_state_dict(frozen.state_dict())
+    tuned.freeze_bases()
+    trained = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone._blocks.15.") for n in trained)
+    assert not any(n.startswith("backbone._blocks.10.") for n in trained)
+    assert tuned.lr_scales() == {"backbone.": 0.1}
+    frozen.eval(), tuned.eval()
+    with torch.no_grad():
+        assert set(tuned.image_features(x)) == cached
+        assert torch.allclose(frozen.encode_image(x), tuned.encode_image(x), atol=1e-5)

@@ -19,7 +19,7 @@ from rsviewer.archs.cmer import (
 )
 from rsviewer.archs.registry import create_model
 
-from conftest import UCM_JSON, needs_shared
+from conftest import UCM_JSON, assert_split_matches_frozen, needs_shared
 
 TINY = dict(
     embed_dim=32,
@@ -330,18 +330,6 @@ def test_save_load_round_trip_is_exact(tmp_path):
 def test_partial_backbone_finetuning_matches_the_frozen_path():
     # image_train_from="s16": features stop at the stride-16 map and the head runs the
     # rest of the backbone; with the weights untouched the embedding is the frozen model's
-    torch.manual_seed(0)
-    frozen = create_model("cmer", **TINY)
-    tuned = create_model("cmer", **TINY, image_train_from="s16")
-    tuned.load_state_dict(frozen.state_dict())
-    tuned.freeze_bases()
-    assert any(n.startswith("backbone._blocks.15.") for n, p in tuned.named_parameters() if p.requires_grad)
-    assert not any(n.startswith("backbone._blocks.10.") for n, p in tuned.named_parameters() if p.requires_grad)
-    assert tuned.lr_scales() == {"backbone.": 0.1}
-    frozen.eval(), tuned.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert set(tuned.image_features(x)) == {"s16"}
-        assert torch.allclose(frozen.encode_image(x), tuned.encode_image(x), atol=1e-5)
+    assert_split_matches_frozen("cmer", TINY, torch.randn(2, 3, 64, 64), {"s16"})
     with pytest.raises(ValueError, match="from s16 only"):
         create_model("cmer", **TINY, image_train_from="s8")

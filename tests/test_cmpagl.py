@@ -27,7 +27,7 @@ from rsviewer.archs.cmpagl.objectives import (
     sample_hard_negatives,
 )
 
-from conftest import UCM_JSON, needs_shared
+from conftest import UCM_JSON, assert_split_matches_frozen, needs_shared
 
 TINY = dict(width=16, depths=[1, 1, 2, 1], head_dim=16, image_size=128, embed_dim=32, queue_size=32, fusion_batch=4)
 
@@ -304,19 +304,7 @@ def test_tiny_training_run_loss_falls(tmp_path):
 
 
 def test_partial_backbone_finetuning_matches_the_frozen_path():
-    torch.manual_seed(0)
-    frozen = create_model("cmpagl", **TINY)
-    tuned = create_model("cmpagl", **TINY, image_train_from="s16")
-    tuned.load_state_dict(frozen.state_dict())
-    tuned.freeze_bases()
-    trained = {n for n, p in tuned.named_parameters() if p.requires_grad}
-    assert any(n.startswith("backbone._blocks.15.") for n in trained)
-    assert not any(n.startswith("backbone._blocks.10.") for n in trained)
-    frozen.eval(), tuned.eval()
-    x = torch.randn(2, 3, 128, 128)
-    with torch.no_grad():
-        assert set(tuned.image_features(x)) == {"s8", "s16"}
-        assert torch.allclose(frozen.encode_image(x), tuned.encode_image(x), atol=1e-5)
+    assert_split_matches_frozen("cmpagl", TINY, torch.randn(2, 3, 128, 128), {"s8", "s16"})
     with pytest.raises(ValueError, match="from s16 only"):
         create_model("cmpagl", **TINY, image_train_from="s16", inject="s16")
 

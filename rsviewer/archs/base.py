@@ -277,10 +277,24 @@ class RetrievalModel(nn.Module):
             out[k] = v.detach().cpu().contiguous()
         return out
 
+    # partial fine-tuning of the image backbone (``tune_backbone_from``); None = frozen
+    image_split: Optional[str] = None
+
+    def tune_backbone_from(self, tap: Optional[str]) -> Optional[str]:
+        """Train the backbone layers past ``tap`` ("s8" | "s16"; falsy = keep it frozen):
+        they join ``finetuned`` and learn at ``cfg.backbone_lr_scale`` × lr. Returns the tap,
+        also kept as ``image_split``; the architecture's features/head do the split."""
+        self.image_split = tap or None
+        if self.image_split:
+            if not hasattr(self.backbone, "prefixes_after"):
+                raise ValueError(f"{self.cfg.image_backbone} cannot be partly fine-tuned (no stage split)")
+            self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after(self.image_split)]
+        return self.image_split
+
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers by parameter-name prefix (e.g. a fine-tuned backbone
         learns slower than the new heads); the trainer applies the first prefix that matches."""
-        return {}
+        return {"backbone.": self.cfg.backbone_lr_scale} if self.image_split else {}
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

@@ -75,11 +75,7 @@ class Lite(RetrievalModel):
         k = max(0, min(cfg.text_train_layers, n_text))
         self.text_prefix = n_text - k
         self.finetuned = [f"text.bert.encoder.layer.{i}." for i in range(self.text_prefix, n_text)]
-        self.split = cfg.image_train_from or None
-        if self.split:
-            if not hasattr(self.backbone, "prefixes_after"):
-                raise ValueError(f"{cfg.image_backbone} cannot be partly fine-tuned (no stage split)")
-            self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after(self.split)]
+        self.tune_backbone_from(cfg.image_train_from)
         c32 = self.backbone.num_features
         c16 = self.backbone.feature_info[1].channels
         din = {"mean": c32, "mean_max": 2 * c32, "mean_max_s16": 2 * c32 + c16}.get(cfg.pool)
@@ -103,20 +99,17 @@ class Lite(RetrievalModel):
         return torch.cat(parts, 1)
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.split:  # frozen part only: the map the fine-tuned layers start from
-            maps = self.backbone.forward_features(pixels, upto=self.split)
-            keep = {self.split} | ({"s16"} & set(maps) if self.cfg.pool == "mean_max_s16" else set())
+        if self.image_split:  # frozen part only: the map the fine-tuned layers start from
+            maps = self.backbone.forward_features(pixels, upto=self.image_split)
+            keep = {self.image_split} | ({"s16"} & set(maps) if self.cfg.pool == "mean_max_s16" else set())
             return {k: maps[k] for k in keep}
         return {"pooled": self.pool(self.feature_maps(pixels))}
 
     def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.split:
-            maps = {**feats, **self.backbone.forward_from(feats[self.split].float(), self.split)}
+        if self.image_split:
+            maps = {**feats, **self.backbone.forward_from(feats[self.image_split].float(), self.image_split)}
             return l2n(self.image_proj(self.pool({k: v.float() for k, v in maps.items()})))
         return l2n(self.image_proj(feats["pooled"]))
-
-    def lr_scales(self) -> dict[str, float]:
-        return {"backbone.": self.cfg.backbone_lr_scale} if self.split else {}
 
     def local_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w): the head applied at every stride-32 position (patch similarity).

@@ -157,11 +157,9 @@ class CMER(RetrievalModel):
         paths = sorted(set(wrapped))
         self.finetuned = [f"text.bert.encoder.layer.{i}.{p}.lora_" for i in range(self.text_prefix, n_text) for p in paths]
         self.bases = {"backbone": bref, "text": self.text.weights_ref}
-        self.split = cfg.image_train_from or None
-        if self.split:
-            if self.split != "s16" or "s8" in self.stages:
-                raise ValueError("cmer fine-tunes the backbone from s16 only, with stages among s16,s32")
-            self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after(self.split)]
+        if cfg.image_train_from and (cfg.image_train_from != "s16" or "s8" in self.stages):
+            raise ValueError("cmer fine-tunes the backbone from s16 only, with stages among s16,s32")
+        self.tune_backbone_from(cfg.image_train_from)
         self.text_proj = make_head(self.text.width, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
 
@@ -190,7 +188,7 @@ class CMER(RetrievalModel):
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frozen stage outputs ``v_d`` for the side branch + the pooled main-branch vector
         (with ``image_train_from``: only the frozen part's stride-16 map)."""
-        if self.split:
+        if self.image_split:
             return {"s16": self.backbone.forward_features(pixels, upto="s16")["s16"]}
         maps = self.backbone.forward_features(pixels, head=False)
         out = {s: maps[s] for s in self.stages}
@@ -201,7 +199,7 @@ class CMER(RetrievalModel):
     def _finish_features(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """With a fine-tuned top, run it on the cached stride-16 map: the same dict as
         ``image_features`` of a frozen model."""
-        if not self.split:
+        if not self.image_split:
             return feats
         s16 = feats["s16"].float()
         s32 = self.backbone.forward_from(s16, "s16", head=False)["s32"]
@@ -209,9 +207,6 @@ class CMER(RetrievalModel):
         if self.image_proj is not None:
             out["pooled"] = self._pool(self._head_map(s32), s16)
         return out
-
-    def lr_scales(self) -> dict[str, float]:
-        return {"backbone.": self.cfg.backbone_lr_scale} if self.split else {}
 
     def side_branch(self, feats: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Run the Focus-Adapters stage to stage (eq. 10: f_{d−1} feeds adapter d); returns f_D."""

@@ -205,11 +205,9 @@ class CMPAGL(RetrievalModel):
         self.mlm_head = MLMHead(width, int(bcfg.vocab_size), eps)
         top = n if cfg.fusion_finetune else self.split
         self.finetuned = [f"text.bert.encoder.layer.{i}." for i in range(self.text_prefix, top)]
-        self.image_split = cfg.image_train_from or None
-        if self.image_split:
-            if self.image_split != "s16" or "s32" not in self.inject:
-                raise ValueError("cmpagl fine-tunes the CNN from s16 only, with the cnn stem and s32 injected")
-            self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after("s16")]
+        if cfg.image_train_from and (cfg.image_train_from != "s16" or "s32" not in self.inject):
+            raise ValueError("cmpagl fine-tunes the CNN from s16 only, with the cnn stem and s32 injected")
+        self.tune_backbone_from(cfg.image_train_from)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
 
         tok = self.text.tokenizer
@@ -230,9 +228,6 @@ class CMPAGL(RetrievalModel):
             return {"s8": maps["s8"], "s16": maps["s16"]}
         maps = self.backbone.forward_features(pixels, head=False)
         return {"s8": maps["s8"], **{s: maps[s] for s in self.inject}}
-
-    def lr_scales(self) -> dict[str, float]:
-        return {"backbone.": self.cfg.backbone_lr_scale} if self.image_split else {}
 
     @staticmethod
     def _grid(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, H, W, C)
