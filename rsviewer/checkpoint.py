@@ -69,11 +69,35 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
 def list_models() -> list[Path]:
     seen: dict[str, Path] = {}
     for d in model_dirs():
-        if d.is_dir():
-            for c in sorted(d.iterdir()):
-                if (c / CONFIG).exists() and c.name not in seen:
-                    seen[c.name] = c
+        try:
+            children = sorted(d.iterdir()) if d.is_dir() else []
+        except OSError:  # an unreadable models folder hides nothing else
+            children = []
+        for c in children:
+            if (c / CONFIG).exists() and c.name not in seen:
+                seen[c.name] = c
     return list(seen.values())
+
+
+def model_summaries(warn=None) -> list[dict]:
+    """One row per listed model (name, path, arch, embed_dim, parameters, val_mR, dataset).
+    A folder whose config.json or metrics.json is broken is left out, and ``warn``
+    (default: a line on stderr) is told which and why, so one bad folder never hides the rest."""
+    import sys
+
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    rows = []
+    for d in list_models():
+        try:
+            cfg, met = read_config(d), read_metrics(d)
+            val = met.get("val") if isinstance(met.get("val"), dict) else {}
+            rows.append({
+                "name": d.name, "path": str(d), "arch": cfg["arch"], "embed_dim": cfg.get("embed_dim"),
+                "parameters": cfg.get("parameters"), "val_mR": val.get("mR"), "dataset": met.get("dataset"),
+            })
+        except ModelError as e:
+            warn(f"skipping model {d.name}: {e}")
+    return rows
 
 
 def _fingerprint(path: Path) -> str:
@@ -89,13 +113,16 @@ def save_model(
     folder: str | os.PathLike,
     metrics: Optional[dict[str, Any]] = None,
     extra_files: Optional[dict[str, bytes]] = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` to ``folder`` atomically; returns the folder."""
+    """Write ``model`` to ``folder`` atomically; returns the folder. ``folder`` must be
+    absent or empty, or (with ``overwrite``) a model folder rsviewer wrote; anything
+    else is refused (:class:`~rsviewer.errors.OutputError`) and left untouched."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     tensors = model.trained_state_dict()
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite=overwrite, kind="model") as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "arch": model.arch})
         cfg = {
             "format": FORMAT,
@@ -133,6 +160,10 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise ModelError(f"{folder} is not a model folder (no {CONFIG})") from None
     except json.JSONDecodeError as e:
         raise ModelError(f"{path} is not valid JSON (line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} cannot be read: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} holds a JSON {type(cfg).__name__}, not an rsviewer model config")
     if cfg.get("format") != FORMAT or "arch" not in cfg:
         raise ModelError(f"{path} is not an rsviewer model config (format {cfg.get('format')!r})")
     return cfg
@@ -140,7 +171,17 @@ def read_config(folder: str | os.PathLike) -> dict:
 
 def read_metrics(folder: str | os.PathLike) -> dict:
     p = Path(folder) / METRICS
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        met = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{p} is not valid JSON (line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{p} cannot be read: {e}") from None
+    if not isinstance(met, dict):
+        raise ModelError(f"{p} holds a JSON {type(met).__name__}, not an object")
+    return met
 
 
 def model_fingerprint(folder: str | os.PathLike) -> str:

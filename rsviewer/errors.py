@@ -38,3 +38,7 @@ class NotAvailable(RsviewerError):
 
 class Cancelled(RsviewerError):
     """A long job stopped by the user; no partial output is left behind."""
+
+
+class OutputError(RsviewerError):
+    """An output path that would lose data or cannot be written (a user's folder, an input, ...)."""

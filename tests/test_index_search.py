@@ -106,7 +106,8 @@ def test_cancelled_and_failed_writes_keep_old_index(default_model, small_gallery
             ev.set()  # cancel after the first batch
 
     with pytest.raises(Cancelled):
-        build_index(default_model, data, out, images=str(images), progress=progress, cancel=ev, batch_size=8)
+        build_index(default_model, data, out, images=str(images), progress=progress, cancel=ev, batch_size=8,
+                    overwrite=True)
     assert (out / "image_emb.npy").read_bytes() == before
     # a full disk in the middle of the write: the previous index survives intact
     import rsviewer.retrieval.index as ix
@@ -120,7 +121,7 @@ def test_cancelled_and_failed_writes_keep_old_index(default_model, small_gallery
 
     monkeypatch.setattr(ix.np, "save", full_disk)
     with pytest.raises(OSError):
-        build_index(default_model, data, out, images=str(images))
+        build_index(default_model, data, out, images=str(images), overwrite=True)
     assert (out / "image_emb.npy").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp folders left
     load_index(out)

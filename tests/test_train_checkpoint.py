@@ -141,7 +141,7 @@ def test_interrupted_save_keeps_old_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(st, "save_file", disk_full)
     with pytest.raises(OSError):
-        save_model(m, tmp_path / "m")
+        save_model(m, tmp_path / "m", overwrite=True)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left behind
 

@@ -1,9 +1,12 @@
-"""Helpers shared by the sub-commands: model loading, JSON output, progress bars."""
+"""Helpers shared by the sub-commands: model loading, JSON output, progress bars,
+argument types that refuse absurd numbers in the parser, and output-path checks that
+run before any work."""
 from __future__ import annotations
 
+import argparse
 import json
-import sys
-from typing import Any
+import math
+from typing import Any, Iterable
 
 from ..utils.progress import StderrBar
 
@@ -39,3 +42,89 @@ def emit(args, obj: Any, text: str | None = None) -> None:
         print(json.dumps(obj, ensure_ascii=False))
     else:
         print(text if text is not None else json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+# ---- argument types: argparse turns their ArgumentTypeError into one `error:` line, exit 2 ----
+def _number(text: str, kind):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (batch sizes, epochs, k, steps, ...)."""
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def views_int(text: str) -> int:
+    """Dihedral views of an image: 1 (none) to 8 (all rotations and flips)."""
+    v = _number(text, int)
+    if not 1 <= v <= 8:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 8, got {v}")
+    return v
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1] (opacity, EMA decay, ...)."""
+    v = _number(text, float)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v:g}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _number(text, float)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {v:g}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    v = _number(text, float)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v:g}")
+    return v
+
+
+def input_size(text: str) -> int:
+    """A model input side in pixels (16 .. 4096)."""
+    v = _number(text, int)
+    if not 16 <= v <= 4096:
+        raise argparse.ArgumentTypeError(f"must be between 16 and 4096 px, got {v}")
+    return v
+
+
+# ---- outputs: checked before any work (rsviewer.utils.atomic checks again at write time) ----
+def add_force_arg(p, what: str = "folder") -> None:
+    if what == "folder":
+        text = "replace an existing folder that rsviewer wrote (one it did not write is never replaced)"
+    else:
+        text = f"replace an existing {what}"
+    p.add_argument("--force", action="store_true", help=text)
+
+
+def check_out_dir(args, path, inputs: Iterable = (), label: str = "--out", force=None) -> None:
+    from ..utils.atomic import check_output_dir
+
+    force = getattr(args, "force", False) if force is None else force
+    check_output_dir(path, force, inputs, label=label, flag="--force")
+
+
+def check_out_file(args, path, inputs: Iterable = (), label: str = "--out") -> None:
+    from ..utils.atomic import check_output_file
+
+    check_output_file(path, getattr(args, "force", False), inputs, label=label, flag="--force")

@@ -1,7 +1,7 @@
 """rsviewer eval --model M --data JSON --split val [--rerank none|mr|smr] [--json]"""
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, load, progress_bar
+from .common import add_json_arg, add_model_arg, emit, load, positive_int, progress_bar
 
 
 def register(sub) -> None:
@@ -11,7 +11,7 @@ def register(sub) -> None:
     p.add_argument("--images", default=None, help="image folder (default: next to the dataset)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--rerank", default="none", choices=["none", "mr", "smr"])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     add_json_arg(p)
     p.set_defaults(func=run)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, load, progress_bar
+from .common import (
+    add_force_arg, add_json_arg, add_model_arg, check_out_file, emit, input_size, load, nonneg_float, positive_int,
+    probability, progress_bar,
+)
 
 METHOD_CHOICES = ("gradcam", "gradcam++", "scorecam", "rollout", "attention", "patch", "tokens", "words")
 
@@ -22,14 +25,15 @@ def register(sub) -> None:
     q.add_argument("--query-image", help="a query image (image-to-image similarity)")
     p.add_argument("--method", default="gradcam", choices=METHOD_CHOICES, help="(default: %(default)s)")
     p.add_argument("--out", help="PNG to write (overlay, token sheet or word chart)")
+    add_force_arg(p, "--out file")
     p.add_argument("--layer", default=None, help="Grad-CAM/Score-CAM layer (default: the architecture's preset; see --list)")
     p.add_argument("--map", default=None, help="attention: which of the architecture's maps to show")
     p.add_argument("--cmap", default="jet", help="jet | viridis | inferno | gray | turbo | magma | plasma | hot")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity 0..1 (default %(default)s)")
+    p.add_argument("--alpha", type=probability, default=0.5, help="heatmap opacity 0..1 (default %(default)s)")
     p.add_argument("--contour", action="store_true", help="draw iso-contours at 25/50/75 %%")
-    p.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing sigma (fraction of the shorter side if < 1, else px)")
-    p.add_argument("--input-size", type=int, default=None, help="run the model at this square size (default: its own)")
-    p.add_argument("--channels", type=int, default=None, help="scorecam: number of channels used (default 16)")
+    p.add_argument("--smooth", type=nonneg_float, default=0.0, help="Gaussian smoothing sigma (fraction of the shorter side if < 1, else px)")
+    p.add_argument("--input-size", type=input_size, default=None, help="run the model at this square size (default: its own)")
+    p.add_argument("--channels", type=positive_int, default=None, help="scorecam: number of channels used (default 16)")
     p.add_argument("--list", action="store_true", help="print the methods and layers available for the model and exit")
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -44,15 +48,16 @@ def register(sub) -> None:
     e.add_argument("--data", required=True, help="dataset JSON (Karpathy layout) or folder")
     e.add_argument("--images", default=None, help="image folder (default: next to the dataset)")
     e.add_argument("--split", default="val", help="(default: %(default)s)")
-    e.add_argument("--n", type=int, default=100, help="number of images, a seeded sample (default %(default)s)")
+    e.add_argument("--n", type=positive_int, default=100, help="number of images, a seeded sample (default %(default)s)")
     e.add_argument("--methods", nargs="+", default=None, help="methods to measure (default: all with a heatmap)")
-    e.add_argument("--steps", type=int, default=16, help="perturbation steps (default %(default)s)")
+    e.add_argument("--steps", type=positive_int, default=16, help="perturbation steps (default %(default)s)")
     e.add_argument("--baseline", default="blur", choices=["blur", "mean"], help="what removed pixels become")
-    e.add_argument("--batch-size", type=int, default=4, help="images per batch (default %(default)s)")
-    e.add_argument("--input-size", type=int, default=None, help="model input size (default: its own)")
+    e.add_argument("--batch-size", type=positive_int, default=4, help="images per batch (default %(default)s)")
+    e.add_argument("--input-size", type=input_size, default=None, help="model input size (default: its own)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--channels", type=int, default=None, help="scorecam: number of channels (default 16)")
+    e.add_argument("--channels", type=positive_int, default=None, help="scorecam: number of channels (default 16)")
     e.add_argument("--out", default=None, help="also write the JSON result to this file")
+    add_force_arg(e, "--out file")
     add_json_arg(e)
     e.set_defaults(func=run_eval)
 
@@ -66,13 +71,11 @@ def run(args) -> int:
     import numpy as np
 
     from ..errors import QueryError
-    from ..explain import available_methods, explain, gradcam_layer_names, map_stats
+    from ..explain import available_methods, broken_methods, explain, gradcam_layer_names, map_stats
     from ..explain.overlay import COLORMAPS, render_png
 
     if args.cmap not in COLORMAPS:
         raise QueryError(f"unknown colormap {args.cmap!r}; choose from {', '.join(COLORMAPS)}")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise QueryError("--alpha must be between 0 and 1")
     if not args.list:
         if not args.image:
             raise QueryError("give --image PATH (the image to explain)")
@@ -87,11 +90,17 @@ def run(args) -> int:
         for p in (args.image, args.query_image):
             if p and not Path(p).is_file():  # before the model loads (seconds)
                 raise ImageError(f"image not found: {p}")
+        if args.out:
+            check_out_file(args, args.out, [args.image, args.query_image])
     model = load(args)
     if args.list:
         obj = {"model": getattr(model, "name", model.arch), "arch": model.arch,
-               "methods": available_methods(model), "layers": gradcam_layer_names(model)}
-        emit(args, obj, f"methods: {', '.join(obj['methods'])}\nlayers:  {', '.join(obj['layers']) or '-'}")
+               "methods": available_methods(model), "layers": gradcam_layer_names(model),
+               "broken": broken_methods(model)}
+        text = f"methods: {', '.join(obj['methods'])}\nlayers:  {', '.join(obj['layers']) or '-'}"
+        if obj["broken"]:  # an architecture bug: say which methods it hides and why
+            text += "\nbroken:  " + "; ".join(f"{m} ({why})" for m, why in obj["broken"].items())
+        emit(args, obj, text)
         return 0
     opts = {}
     if args.map:
@@ -151,11 +160,10 @@ def run(args) -> int:
 def run_eval(args) -> int:
     import json
 
-    from ..errors import QueryError
     from ..explain.faithfulness import evaluate_faithfulness
 
-    if args.n < 1:
-        raise QueryError("--n must be at least 1")
+    if args.out:  # before minutes of perturbation runs
+        check_out_file(args, args.out, [args.data, args.images])
     model = load(args)
     res = evaluate_faithfulness(
         model,
@@ -164,7 +172,7 @@ def run_eval(args) -> int:
         n=args.n,
         methods=args.methods,
         steps=args.steps,
-        batch_size=max(1, args.batch_size),
+        batch_size=args.batch_size,
         baseline=args.baseline,
         seed=args.seed,
         images=args.images,

@@ -1,7 +1,7 @@
 """rsviewer index --model M --data JSON|--images DIR --out INDEX"""
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, load, progress_bar
+from .common import add_force_arg, add_json_arg, add_model_arg, check_out_dir, emit, load, positive_int, progress_bar
 
 
 def register(sub) -> None:
@@ -13,8 +13,9 @@ def register(sub) -> None:
     p.add_argument("--image-dir", default=None, help="with --data: where the dataset's images are")
     p.add_argument("--split", default=None, help="index one split only (default: all)")
     p.add_argument("--skip-missing", action="store_true", help="leave out listed images that do not exist")
-    p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="index folder to write: new, empty, or (with --force) an index")
+    add_force_arg(p)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -22,9 +23,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..retrieval.index import build_index
 
-    model = load(args)
     source = args.data or args.images
-    idx = build_index(model, source, args.out, images=args.image_dir, split=args.split,
+    check_out_dir(args, args.out, [source, args.image_dir])  # before the model loads and minutes of encoding
+    model = load(args)
+    idx = build_index(model, source, args.out, images=args.image_dir, split=args.split, overwrite=args.force,
                       progress=progress_bar(args), batch_size=args.batch_size, skip_missing=args.skip_missing)
     m = idx.meta
     emit(args, {"out": str(args.out), **m},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_json_arg, add_model_arg, emit, load, progress_bar
+from .common import add_force_arg, add_json_arg, add_model_arg, check_out_file, emit, input_size, load, positive_int, progress_bar
 
 
 def _sizes(text: str) -> list[int]:
@@ -41,16 +41,18 @@ def register(sub) -> None:
     p.add_argument("--anno", help="SeLo anno.json: ground-truth polygons (with --scene: drawn, and metrics "
                                   "when the query matches an entry; without --scene: evaluate all queries)")
     p.add_argument("--scenes", help="with --anno: folder of the scene images (default: images/ next to anno.json)")
-    p.add_argument("--out-dir", help="with --anno: write one overlay PNG per query here")
+    p.add_argument("--out-dir", help="with --anno: write one overlay PNG per query here (a new or empty folder, "
+                                     "or with --force one rsviewer wrote)")
+    add_force_arg(p, "--out file or --out-dir folder that rsviewer wrote")
     p.add_argument("--windows", type=_sizes, default=[256, 512, 768], help="window sizes in px (default 256,512,768)")
     p.add_argument("--two-stage", action="store_true", help="SeLo v2: 512 px tiles, then refine the best 15%%")
     p.add_argument("--mode", choices=["fast", "crops"], default=None,
                    help="fast: shared feature maps (default); crops: every window encoded on its own (exact SeLo)")
-    p.add_argument("--input-size", type=int, default=None, help="model input per window (default: the model's)")
+    p.add_argument("--input-size", type=input_size, default=None, help="model input per window (default: the model's)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--filter", choices=["median", "gaussian", "none"], default=None,
                    help="smoothing (default: median 251 px; gaussian 255 px with --two-stage)")
-    p.add_argument("--max-side", type=int, default=2048, help="long side of the overlay PNG (default 2048)")
+    p.add_argument("--max-side", type=positive_int, default=2048, help="long side of the overlay PNG (default 2048)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the window-embedding cache")
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -85,6 +87,7 @@ def _run_scene(args) -> int:
 
     if args.out:
         image_format(args.out)  # a bad suffix fails before the scene is read
+        check_out_file(args, args.out, [args.scene, args.anno])
 
     text = args.text[0] if len(args.text) == 1 else list(args.text)
     entries = load_anno(args.anno) if args.anno else []  # bad input fails before the model loads
@@ -128,11 +131,14 @@ def _run_scene(args) -> int:
 def _run_anno(args) -> int:
     from ..localize import evaluate_anno, load_anno
 
+    from ..utils.atomic import claim_output_dir
+
     load_anno(args.anno)  # a bad file fails before the model loads
+    if args.out_dir:  # a user's folder is refused before any work; ours is marked by a manifest
+        claim_output_dir(args.out_dir, "localize-overlays", overwrite=args.force,
+                         inputs=[args.anno, args.scenes], label="--out-dir", flag="--force")
     model = load(args)
     bar = progress_bar(args)
-    if args.out_dir:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     res = evaluate_anno(model, args.anno, args.scenes, progress=bar, out_dir=args.out_dir,
                         window_sizes=args.windows, two_stage=args.two_stage, cache=not args.no_cache,
                         max_side=args.max_side, **_opts(args))

@@ -1,15 +1,20 @@
 """``rsviewer`` command line: a thin surface over the engine.
 
 Each sub-command lives in its own module in this package and exposes
-``register(subparsers)`` (adds its parser, sets ``func``). Errors the user can fix are
-:class:`~rsviewer.errors.RsviewerError`: printed as one ``error: ...`` line, exit 2.
+``register(subparsers)`` (adds its parser, sets ``func``). The error contract: errors
+the user can fix — :class:`~rsviewer.errors.RsviewerError`, an ``OSError`` (permission,
+missing folder, full disk; the message names the path) and bad arguments (argparse) —
+print one ``error: ...`` line and exit 2; anything else is a bug and keeps its
+traceback, followed by one line asking to report it (exit 1).
 Without a sub-command, ``rsviewer`` opens the GUI on the bundled model and gallery.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+import traceback
 import warnings
 
 from ..errors import RsviewerError
@@ -28,8 +33,16 @@ COMMANDS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with rsviewer's error line: usage, then ``error: ...`` (exit 2)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="rsviewer",
         description="Remote-sensing image-text retrieval workbench. Without a command: open the app.",
     )
@@ -61,11 +74,42 @@ def main(argv: list[str] | None = None) -> int:
             return run_app(args)
         return int(args.func(args) or 0)
     except RsviewerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # permissions, a missing folder, a full disk: the user's to fix
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except Exception:  # a bug: keep the traceback, and say so
+        traceback.print_exc()
+        print(f"rsviewer {_version()} hit a bug (not a problem with your input); please report it with the "
+              "command line and the traceback above", file=sys.stderr)
+        return 1
+
+
+def one_line(msg: str) -> str:
+    return " ".join(msg.split()) or "unknown problem"
+
+
+def os_error_line(e: OSError) -> str:
+    """``[Errno 28] No space left on device: 'x'`` → ``cannot write x: No space left on device``."""
+    why = e.strerror or one_line(str(e))
+    paths = [p for p in (e.filename, e.filename2) if p is not None]
+    if not paths:
+        return one_line(why)
+    verb = "cannot write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "cannot access"
+    return one_line(f"{verb} {' → '.join(map(str, paths))}: {why}")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rsviewer")
+    except Exception:  # noqa: BLE001 — only decoration for the bug line
+        return ""
 
 
 if __name__ == "__main__":

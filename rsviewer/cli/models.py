@@ -11,16 +11,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import list_models, read_config, read_metrics
+    from ..checkpoint import model_summaries
 
-    rows = []
-    for d in list_models():
-        cfg, met = read_config(d), read_metrics(d)
-        rows.append({
-            "name": d.name, "path": str(d), "arch": cfg["arch"], "embed_dim": cfg.get("embed_dim"),
-            "parameters": cfg.get("parameters"), "val_mR": (met.get("val") or {}).get("mR"),
-            "dataset": met.get("dataset"),
-        })
-    lines = [f"{r['name']:<16} {r['arch']:<8} val mR {format(r['val_mR'], '6.2f') if r['val_mR'] is not None else '     —'}  {r['path']}" for r in rows]
+    rows = model_summaries()  # a broken folder: one warning line on stderr, the rest listed
+    def mr(r):
+        v = r["val_mR"]
+        return format(v, "6.2f") if isinstance(v, (int, float)) else "     —"
+
+    lines = [f"{r['name']:<16} {r['arch']:<8} val mR {mr(r)}  {r['path']}" for r in rows]
     emit(args, rows, "\n".join(lines) or "no models found")
     return 0

@@ -1,7 +1,7 @@
 """rsviewer project --index DIR --method tsne|opentsne|umap|pca --out CSV [--max-points N] [--json]"""
 from __future__ import annotations
 
-from .common import add_json_arg, emit, progress_bar
+from .common import add_force_arg, add_json_arg, check_out_file, emit, nonneg_int, progress_bar
 
 
 def register(sub) -> None:
@@ -10,7 +10,8 @@ def register(sub) -> None:
     p.add_argument("--method", default="auto", help="tsne | opentsne | umap | pca | auto (default: auto = openTSNE "
                    "when installed, else scikit-learn t-SNE)")
     p.add_argument("--out", required=True, help="CSV to write (columns: kind,row,id,label,x,y,text)")
-    p.add_argument("--max-points", type=int, default=5000, help="random sample above this many points (default 5000; "
+    add_force_arg(p, "CSV")
+    p.add_argument("--max-points", type=nonneg_int, default=5000, help="random sample above this many points (default 5000; "
                    "0 = all)")
     p.add_argument("--no-captions", action="store_true", help="images only")
     p.add_argument("--seed", type=int, default=0)
@@ -20,12 +21,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..errors import RsviewerError
     from ..project import project_index, write_csv
     from ..retrieval.index import load_index
 
-    if args.max_points < 0:
-        raise RsviewerError("--max-points must be 0 (all) or positive")
+    check_out_file(args, args.out, [args.index])
     index = load_index(args.index)
     proj = project_index(index, args.method, max_points=args.max_points or None, seed=args.seed,
                          captions=not args.no_captions, progress=progress_bar(args), cache=not args.no_cache)

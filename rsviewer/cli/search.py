@@ -1,7 +1,7 @@
 """rsviewer search --index DIR --text "…" | --image PATH  [-k 10] [--json]"""
 from __future__ import annotations
 
-from .common import add_json_arg, emit
+from .common import add_json_arg, emit, positive_int
 
 
 def register(sub) -> None:
@@ -10,7 +10,7 @@ def register(sub) -> None:
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", help="text query")
     q.add_argument("--image", help="image query (path)")
-    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--model", default=None, help="model (default: the one the index was built with)")
     p.add_argument("--device", default="auto")
     p.add_argument("--target", default="images", choices=["images", "captions"], help="for --image: what to return")
@@ -22,15 +22,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..checkpoint import load_model
-    from ..errors import QueryError
-    from ..retrieval.index import load_index
+    from ..retrieval.index import index_model_dir, load_index
     from ..retrieval.search import search_image, search_text
     from ..utils.device import pick_device
 
-    if args.k < 1:
-        raise QueryError("-k must be at least 1")
     index = load_index(args.index)
-    model = load_model(args.model or index.meta["model"], device=pick_device(args.device))
+    model = load_model(args.model or index_model_dir(index.meta), device=pick_device(args.device))
     if args.text is not None:
         res = search_text(model, index, args.text, args.k, rerank=args.rerank, labels=args.label)
     else:

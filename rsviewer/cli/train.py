@@ -5,7 +5,10 @@ import json
 import shlex
 import sys
 
-from .common import add_json_arg, emit, progress_bar
+from .common import (
+    add_force_arg, add_json_arg, check_out_dir, emit, nonneg_float, positive_float, positive_int, probability,
+    progress_bar, views_int,
+)
 
 
 def register(sub) -> None:
@@ -13,15 +16,17 @@ def register(sub) -> None:
     p.add_argument("--arch", required=True, help="lite | galr | mssa | cmpagl | cmer")
     p.add_argument("--data", required=True, help="dataset (Karpathy JSON, precomp folder, CSV)")
     p.add_argument("--images", default=None, help="image folder (default: next to the dataset)")
-    p.add_argument("--out", required=True, help="output model folder, e.g. models/my-model")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--views", type=int, default=None, help="dihedral augmentations per image (1-8)")
+    p.add_argument("--out", required=True, help="output model folder, e.g. models/my-model (new, empty, or with "
+                                                "--force/--resume one rsviewer wrote)")
+    add_force_arg(p)
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--weight-decay", type=nonneg_float, default=None)
+    p.add_argument("--views", type=views_int, default=None, help="dihedral augmentations per image (1-8)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ema", type=float, default=None, help="weight EMA decay per step (e.g. 0.98; 0 = off)")
-    p.add_argument("--eval-every", type=int, default=None,
+    p.add_argument("--ema", type=probability, default=None, help="weight EMA decay per step (e.g. 0.98; 0 = off)")
+    p.add_argument("--eval-every", type=positive_int, default=None,
                    help="validate (and maybe save) every N epochs and after the last (pairwise archs: val is costly)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--loss", default=None, help="lite, galr: infonce | triplet | both (see each architecture's config)")
@@ -29,7 +34,7 @@ def register(sub) -> None:
                    help="architecture hyper-parameter (JSON value), e.g. --set embed_dim=512; repeatable")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--no-cache", action="store_true", help="do not read/write the feature cache")
-    p.add_argument("--max-train-images", type=int, default=None, help="train on a random subset (quick runs)")
+    p.add_argument("--max-train-images", type=positive_int, default=None, help="train on a random subset (quick runs)")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -54,6 +59,8 @@ def run(args) -> int:
     from ..train.trainer import TrainConfig, train
 
     cls = arch_class(args.arch)
+    # before feature caching and training (minutes): --resume continues in a folder rsviewer wrote
+    check_out_dir(args, args.out, [args.data, args.images], force=args.force or args.resume)
     defaults = dict(getattr(cls, "train_defaults", {}))
     for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed", "ema", "eval_every"):
         v = getattr(args, key)
@@ -68,7 +75,7 @@ def run(args) -> int:
     command = "rsviewer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = train(
         args.arch, args.data, args.out, images=args.images, model_config=model_cfg,
-        config=TrainConfig.from_dict(defaults), resume=args.resume,
+        config=TrainConfig.from_dict(defaults), resume=args.resume, overwrite=args.force,
         progress=progress_bar(args), log=(lambda m: None) if args.quiet else None, command=command,
     )
     summary = {"out": str(res.out), "best_epoch": res.best_epoch, "val": res.val, "seconds": round(res.seconds, 1)}

@@ -23,7 +23,7 @@ from .core import (
     map_stats,
     upsample,
 )
-from .run import available_methods, explain
+from .run import available_methods, broken_methods, explain
 
 __all__ = [
     "CAM_METHODS",
@@ -33,6 +33,7 @@ __all__ = [
     "ImageSimilarityTarget",
     "SimilarityTarget",
     "available_methods",
+    "broken_methods",
     "explain",
     "gradcam_layer_names",
     "map_stats",

@@ -10,6 +10,7 @@ No Qt here: the GUI calls :func:`explain` from a worker thread.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,10 @@ def has_image_attention(model: RetrievalModel) -> bool:
 
 
 _PROBES: "weakref.WeakKeyDictionary[RetrievalModel, ExplainMaps]" = weakref.WeakKeyDictionary()
+_PROBE_ERRORS: "weakref.WeakKeyDictionary[RetrievalModel, str]" = weakref.WeakKeyDictionary()
+log = logging.getLogger("rsviewer.explain")
+# the methods whose availability comes from the explain_maps probe
+PROBED_METHODS = ("rollout", "attention", "tokens", "words")
 
 
 def probe_maps(model: RetrievalModel) -> ExplainMaps:
@@ -299,10 +304,20 @@ def probe_maps(model: RetrievalModel) -> ExplainMaps:
     try:
         with torch.no_grad():
             ex = model.explain_maps(model.preprocess([img]).to(model.device), "a tennis court")
-    except Exception:  # noqa: BLE001 — a failing probe means "not available", decided later
+    except (NotAvailable, NotImplementedError):  # the architecture says "no maps": not a failure
+        ex = ExplainMaps()
+    except Exception as e:  # noqa: BLE001 — a crash is a bug: remembered, logged, listed as broken
+        _PROBE_ERRORS[model] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        log.warning("explain_maps() of %s failed on the probe image: %s", model.arch, _PROBE_ERRORS[model])
+        log.debug("explain_maps() probe traceback", exc_info=True)
         ex = ExplainMaps()
     _PROBES[model] = ex
     return ex
+
+
+def probe_error(model: RetrievalModel) -> Optional[str]:
+    """Why the ``explain_maps`` probe of ``model`` crashed (``None`` if it did not, or has not run)."""
+    return _PROBE_ERRORS.get(model)
 
 
 def word_embedding_layer(model: RetrievalModel) -> Optional[torch.nn.Module]:

@@ -23,7 +23,9 @@ from .core import (
     cam_layers,
     finish_map,
     has_image_attention,
+    PROBED_METHODS,
     make_query,
+    probe_error,
     probe_maps,
     word_embedding_layer,
 )
@@ -62,6 +64,16 @@ def available_methods(model: RetrievalModel) -> list[str]:
     return out
 
 
+def broken_methods(model: RetrievalModel) -> dict[str, str]:
+    """Methods missing from :func:`available_methods` because the architecture's
+    ``explain_maps`` crashed (a bug, not "not supported"): method → the error."""
+    available = available_methods(model)
+    why = probe_error(model)
+    if why is None:
+        return {}
+    return {m: f"explain_maps() failed: {why}" for m in PROBED_METHODS if m not in available}
+
+
 # ---- the entry point ------------------------------------------------------------------------
 def explain(
     model: RetrievalModel,
@@ -86,6 +98,10 @@ def explain(
     """
     if method not in METHODS:
         raise QueryError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in PROBED_METHODS:
+        why = broken_methods(model).get(method)
+        if why:  # a crash in the architecture's code: surfaced as the bug it is, never "not available"
+            raise RuntimeError(f"{method} is broken for {model.arch}: {why}")
     t0 = time.perf_counter()
     check(cancel)
     img = as_rgb_image(image)

@@ -127,7 +127,7 @@ def _cached_or_build(src: Path, model, progress, cancel) -> GalleryIndex:
             return load_index(out, model)
         except IndexError_:
             pass  # damaged or stale: rebuild below
-    return build_index(model, src, out=out, progress=progress, cancel=cancel)
+    return build_index(model, src, out=out, progress=progress, cancel=cancel, overwrite=True)  # our cache
 
 
 def forget_gallery(index: GalleryIndex) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import threading
 import weakref
@@ -185,8 +186,10 @@ def fast_support(model, input_size: int, probe: bool = True) -> tuple[bool, str,
             res = (True, fkey, tuple(needed))
         except Cancelled:
             raise  # not a verdict on the model: nothing is memoised
-        except Exception as e:  # any mismatch: use crops
-            res = (False, f"shared-map check failed ({e})", ())
+        except Exception as e:  # noqa: BLE001 — any mismatch: use crops, and say why (info["fallback"] too)
+            res = (False, f"shared-map check failed ({type(e).__name__}: {e})", ())
+            logging.getLogger("rsviewer.localize").warning(
+                "%s: shared-map mode unavailable, using crops: %s", getattr(model, "arch", type(model).__name__), res[1])
     _fast_cache.setdefault(model, {})[key] = res
     return res
 

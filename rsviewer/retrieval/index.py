@@ -27,7 +27,7 @@ import torch
 from ..archs.base import RetrievalModel
 from ..data import Dataset, load_dataset
 from ..errors import IndexError_, RsviewerError
-from ..utils.atomic import atomic_dir, write_json
+from ..utils.atomic import atomic_dir, check_output_dir, write_json
 from ..utils.progress import CancelToken, ProgressFn
 from .evaluate import encode_images, encode_texts
 
@@ -64,13 +64,41 @@ class GalleryIndex:
 
 
 def model_identity(model: RetrievalModel) -> dict:
+    folder = getattr(model, "model_dir", None)
     return {
         "model": getattr(model, "name", model.arch),
+        "model_path": str(Path(folder).resolve()) if folder else None,
         "arch": model.arch,
         "fingerprint": getattr(model, "fingerprint", "untrained"),
         "embed_dim": model.embed_dim,
         "pairwise": model.pairwise,
     }
+
+
+def index_model_dir(meta: dict) -> Path:
+    """The model folder an index was built with: its recorded path when that folder still
+    holds the same weights (fingerprint), else the listed model (``rsviewer models``) with
+    that fingerprint; otherwise one line naming what is missing."""
+    from ..checkpoint import list_models, read_config
+
+    fp, name, path = meta.get("fingerprint"), meta.get("model"), meta.get("model_path")
+
+    def fingerprint_of(folder) -> Optional[str]:
+        try:
+            return read_config(folder).get("fingerprint")
+        except RsviewerError:
+            return None
+
+    if path and Path(path).is_dir() and fingerprint_of(path) == fp:
+        return Path(path)
+    for folder in list_models():
+        if fingerprint_of(folder) == fp:
+            return folder
+    where = f" at {path}" if path else ""
+    raise IndexError_(
+        f"the index was built with model {name!r}{where} (fingerprint {fp}), which is neither there nor among "
+        f"`rsviewer models`; pass --model"
+    )
 
 
 def check_model(index: GalleryIndex, model: RetrievalModel) -> None:
@@ -93,9 +121,18 @@ def build_index(
     cancel: Optional[CancelToken] = None,
     batch_size: int = 32,
     skip_missing: bool = False,
+    overwrite: bool = False,
 ) -> GalleryIndex:
-    """Encode a gallery (dataset file or image folder); write it to ``out`` if given."""
+    """Encode a gallery (dataset file or image folder); write it to ``out`` if given.
+
+    ``out`` is checked before any encoding: it must be absent or empty, or (with
+    ``overwrite``) an index rsviewer wrote, and must not be or contain the gallery."""
+    if batch_size < 1:
+        raise RsviewerError(f"batch size must be at least 1, got {batch_size}")
     ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
+    inputs = [ds.source, getattr(ds, "images_dir", None)]
+    if out is not None:
+        check_output_dir(out, overwrite, inputs, label="index folder")
     if split and split != "all":
         ds = ds.split(split)
     if skip_missing:
@@ -131,13 +168,15 @@ def build_index(
     index = GalleryIndex(None, meta, items, emb, txt.astype(np.float32), cap_image.astype(np.int64),
                          {k: v.numpy() for k, v in img.items()})
     if out is not None:
-        save_index(index, out)
+        save_index(index, out, overwrite=overwrite, inputs=inputs)
     return index
 
 
-def save_index(index: GalleryIndex, out: str | os.PathLike) -> Path:
+def save_index(index: GalleryIndex, out: str | os.PathLike, overwrite: bool = False, inputs=()) -> Path:
+    """Write ``index`` to ``out`` atomically (absent, empty, or — with ``overwrite`` — an
+    index rsviewer wrote; anything else is refused and left untouched)."""
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs, kind="index") as tmp:
         np.save(tmp / "image_emb.npy", np.ascontiguousarray(index.image_emb, np.float32))
         np.save(tmp / "caption_emb.npy", np.ascontiguousarray(index.caption_emb, np.float32))
         np.save(tmp / "caption_image.npy", np.asarray(index.caption_image, np.int64))
@@ -182,6 +221,8 @@ def load_index(folder: str | os.PathLike, model: Optional[RetrievalModel] = None
         }
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise IndexError_(f"index {folder} is damaged: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(meta, dict) or not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+        raise IndexError_(f"index {folder} is damaged: index.json must hold an object and items.json a list of objects")
     if meta.get("format") != INDEX_FORMAT:
         raise IndexError_(f"{folder} has index format {meta.get('format')!r}, expected {INDEX_FORMAT}")
     if emb.shape[0] != len(items) or cap.shape[0] != cap_img.shape[0]:

@@ -39,7 +39,7 @@ from ..checkpoint import METRICS, load_model, save_model
 from ..data import Dataset, load_dataset
 from ..errors import DatasetError, RsviewerError
 from ..retrieval.metrics import retrieval_metrics
-from ..utils.atomic import atomic_file
+from ..utils.atomic import atomic_file, claim_output_dir
 from ..utils.device import autocast, pick_device
 from ..utils.progress import CancelToken, ProgressFn, check, report
 from .cache import dihedral, gather, image_feature_cache, text_feature_cache
@@ -165,8 +165,12 @@ def train(
     cancel: Optional[CancelToken] = None,
     log=None,
     command: Optional[str] = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train ``arch`` on the train split of ``data``; save the best-on-val model to ``out``."""
+    """Train ``arch`` on the train split of ``data``; save the best-on-val model to ``out``.
+
+    ``out`` must be absent or empty, or a model folder rsviewer wrote (with ``overwrite``,
+    or ``resume``); it is checked and claimed before any work."""
     if config is None:  # the architecture's recipe, as the CLI uses it
         from ..archs.registry import arch_class
 
@@ -188,6 +192,8 @@ def train(
         ) from None
     train_ds.check_images()
     val_ds.check_images()
+    claim_output_dir(out, "model", overwrite=overwrite or resume, inputs=[data, images, full.images_dir],
+                     label="output model folder")
     label_names = sorted({it.label for it in train_ds.items if it.label})
     tr, va = _Split(train_ds, label_names), _Split(val_ds, label_names)
 
@@ -295,7 +301,7 @@ def train(
                 row["val_mR"] = round(val["mR"], 3)
                 if val["mR"] > best["mR"]:
                     best = {"mR": val["mR"], "epoch": epoch + 1, "val": val}
-                    save_model(model.cpu(), out, metrics=None)
+                    save_model(model.cpu(), out, metrics=None, overwrite=True)  # our own folder (claimed above)
                     model.to(device)
         history.append(row)
         log(
