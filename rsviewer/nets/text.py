@@ -128,8 +128,10 @@ class TextEncoder(nn.Module):
         if "pooled" in feats:
             return feats["pooled"].float()
         mask = feats["mask"]
-        n = int(mask.sum(1).max().item()) if mask.numel() else 1  # drop all-padding columns
-        mask, hidden = mask[:, :n], feats["hidden"][:, :n].float()
+        hidden = feats["hidden"].float()
+        if not torch.jit.is_tracing():  # drop all-padding columns (a traced graph keeps them: same result)
+            n = int(mask.sum(1).max().item()) if mask.numel() else 1
+            mask, hidden = mask[:, :n], hidden[:, :n]
         return mean_pool(self.forward_layers(hidden, mask, n_layers), mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

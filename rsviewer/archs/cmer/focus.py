@@ -65,6 +65,15 @@ def from_windows(win: torch.Tensor, b: int, hp: int, wp: int, field: int, h: int
     return x[:, :, :h, :w]
 
 
+
+def pool_to(x: torch.Tensor, size) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)``; as a plain average pool when the sizes divide (the
+    same numbers, and a graph the ONNX exporter can trace)."""
+    (H, W), (h, w) = x.shape[-2:], (int(size[0]), int(size[1]))
+    if H % h == 0 and W % w == 0:
+        return F.avg_pool2d(x, (int(H) // h, int(W) // w))
+    return F.adaptive_avg_pool2d(x, (h, w))
+
 class FocusLayer(nn.Module):
     """Region (focus-field) multi-head attention, eqs. 11–12 without the residual.
 
@@ -132,7 +141,7 @@ class FocusAdapter(nn.Module):
         h = self.down(v)  # v_d·W_down + b
         if f_prev is not None:  # + f_{d−1}, brought to this stage's grid (fixed pooling)
             if f_prev.shape[-2:] != h.shape[-2:]:
-                f_prev = F.adaptive_avg_pool2d(f_prev, h.shape[-2:])
+                f_prev = pool_to(f_prev, h.shape[-2:])
             h = h + f_prev
         ft = self.focus(h) + h  # eq. 12
         return self.w(ft) + ft  # eq. 13

@@ -63,7 +63,7 @@ from ...nets.text import TextEncoder
 from ...train.losses import info_nce, positive_masks, soft_targets
 from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n, make_head
 from ..registry import register
-from .focus import FocusAdapter
+from .focus import FocusAdapter, pool_to
 from .lora import LoRALinear, apply_lora
 from .prompts import DEFAULT_TEMPLATE, augment, readable_label
 from .queue import NegativeQueue
@@ -243,7 +243,7 @@ class CMER(RetrievalModel):
             if self.cfg.pool in ("mean_max", "mean_max_s16"):
                 parts.append(head)
             if self.cfg.pool == "mean_max_s16":
-                parts.append(F.adaptive_avg_pool2d(maps["s16"], head.shape[-2:]))
+                parts.append(pool_to(maps["s16"], head.shape[-2:]))
             x = torch.cat(parts, 1)
             if x.shape[-2:] != (h, w):
                 x = F.interpolate(x, size=(h, w), mode="nearest")

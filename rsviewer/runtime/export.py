@@ -1,0 +1,249 @@
+"""ONNX export of a model's frozen towers, cached per model fingerprint.
+
+    $RSVIEWER_CACHE/onnx/<arch>-<fingerprint>-<tower>[-<size>].onnx   the graph (weights inside)
+    $RSVIEWER_CACHE/onnx/<arch>-<fingerprint>-<tower>[-<size>].json   sidecar: sha256, parity, versions
+
+The two towers are the gradient-free halves every architecture already has
+(``archs/base.py``): ``image`` = ``pixels -> image_states`` (``image_features`` then
+``image_head``, or the richer states of a pairwise model) at a fixed input size, and
+``text`` = ``token tensors -> text_states`` with dynamic batch and length. Tokenizing
+stays in Python. A third graph, ``maps`` = ``pixels -> feature_maps`` with dynamic
+height and width, serves localization's shared-map mode for models that have one; it
+is traced at a multiple of 32 px and valid for inputs that are multiples of 32 (TF
+"SAME" padding is the same for every such size; the parity check runs another size).
+
+Export is TorchScript-traced (``torch.onnx.export(dynamo=False)``: no onnxscript
+dependency), then checked against PyTorch on inputs of a *different* batch size and
+text length than the trace saw, so a shape the tracer froze shows up as a mismatch.
+A tower whose export fails or does not match is recorded in the sidecar with the
+reason (so it is not retried on every start) and runs in PyTorch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..utils.atomic import atomic_file, write_json
+
+log = logging.getLogger("rsviewer.runtime")
+
+EXPORT_VERSION = 1  # bump when the wrapper graphs change meaning
+OPSET = 17
+# parity thresholds on unit-norm embeddings / states (float32 graphs)
+MAX_ABS = 2e-3
+MIN_COS = 0.9999
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RSVIEWER_CACHE", Path.home() / ".cache" / "rsviewer")) / "onnx"
+
+
+def model_key(model) -> str:
+    from ..localize.encode import model_fingerprint
+
+    return f"{model.arch}-{model_fingerprint(model)}"
+
+
+def tower_paths(model, tower: str, size: Optional[int] = None) -> tuple[Path, Path]:
+    stem = f"{model_key(model)}-{tower}" + (f"-{size}" if size else "")
+    root = cache_root()
+    return root / f"{stem}.onnx", root / f"{stem}.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import onnx
+
+    return {"export": EXPORT_VERSION, "torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET}
+
+
+# ---- wrappers: one nn.Module per tower with positional tensor inputs and outputs ------------
+class ImageTower(torch.nn.Module):
+    def __init__(self, model, names: Sequence[str]):
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, pixels):
+        st = self.model.image_states(pixels)
+        return tuple(st[k].float() for k in self.names)
+
+
+class MapsTower(torch.nn.Module):
+    """``pixels -> feature_maps`` of a fully convolutional backbone (the shared-map
+    localization mode), with dynamic height and width."""
+
+    def __init__(self, model, names: Sequence[str]):
+        super().__init__()
+        self.model, self.names = model, list(names)
+        # EfficientNet-Lite's eager "SAME" padding is computed in Python from the input size
+        # (a trace freezes it); the fused inference copy pads inside its convolutions
+        from ..localize.fused import fused_backbone
+
+        fb = fused_backbone(model, torch.float32) if model.device.type == "cpu" else None
+        self.fn = fb.forward_features if fb is not None else model.feature_maps
+
+    def forward(self, pixels):
+        maps = self.fn(pixels)
+        return tuple(maps[k].float() for k in self.names)
+
+
+class TextTower(torch.nn.Module):
+    def __init__(self, model, inputs: Sequence[str], names: Sequence[str]):
+        super().__init__()
+        self.model, self.inputs, self.names = model, list(inputs), list(names)
+
+    def forward(self, *tensors):
+        tokens = dict(zip(self.inputs, tensors))
+        st = self.model.text_states_from(self.model.text_features(tokens))
+        return tuple(st[k].float() for k in self.names)
+
+
+# ---- example inputs ------------------------------------------------------------------------------
+TRACE_TEXTS = ("many planes are parked next to the runway", "a river")
+# another batch size, and texts both shorter and longer than the trace's (a frozen length fails)
+CHECK_TEXTS = ("three tennis courts", "dense residential area with houses",
+               "some white storage tanks stand near the road, next to a large parking lot with many cars "
+               "and a few green trees along a river that goes through the forest")
+
+
+def image_example(model, batch: int, size: int, seed: int) -> torch.Tensor:
+    """Normalised pixels of real-looking smooth noise (a pure random field saturates ReLUs less
+    like real images do); deterministic."""
+    g = np.random.default_rng(seed)
+    arr = g.integers(0, 256, (batch, size // 8, size // 8, 3)).astype(np.uint8)
+    arr = np.repeat(np.repeat(arr, 8, 1), 8, 2)
+    return model.preprocess_array(arr)
+
+
+def _tokens(model, texts) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in model.tokenize(list(texts)).items()}
+
+
+def _parity(ref: dict[str, torch.Tensor], got: Sequence[np.ndarray]) -> dict:
+    out = {}
+    for (k, r), g in zip(ref.items(), got):
+        r = r.float().cpu().numpy()
+        diff = float(np.abs(r - g).max()) if r.size else 0.0
+        a, b = r.reshape(r.shape[0], -1).astype(np.float64), g.reshape(g.shape[0], -1).astype(np.float64)
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        cos = float(np.min((a * b).sum(1) / np.maximum(na * nb, 1e-12))) if r.size else 1.0
+        out[k] = {"max_abs": diff, "min_cos": cos, "scale": float(np.abs(r).max()) if r.size else 0.0}
+    return out
+
+
+def _parity_ok(par: dict) -> bool:
+    # absolute on unit embeddings; relative to the largest value on raw feature maps
+    return all(v["max_abs"] <= MAX_ABS * max(1.0, v.get("scale", 1.0)) and v["min_cos"] >= MIN_COS for v in par.values())
+
+
+# ---- export ------------------------------------------------------------------------------------
+def export_tower(model, tower: str, size: Optional[int] = None) -> dict:
+    """Export one tower to the cache and parity-check it; returns the sidecar dict
+    (``status`` "ok" | "failed" | "mismatch", with ``reason``). Writes both files atomically."""
+    import onnxruntime as ort
+
+    path, side = tower_paths(model, tower, size)
+    meta: dict = {"tower": tower, "arch": model.arch, "key": model_key(model), "size": size, **_versions()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if tower == "image":
+                x = image_example(model, 2, size, 0).to(model.device)
+                names = list(model.image_states(x).keys())
+                wrapper, args = ImageTower(model, names), (x,)
+                input_names, dyn = ["pixels"], {"pixels": {0: "batch"}}
+            elif tower == "maps":
+                x = image_example(model, 1, 256, 0)[..., :, :224].contiguous().to(model.device)
+                wrapper = MapsTower(model, sorted(model.feature_maps(x).keys()))
+                names, args = wrapper.names, (x,)
+                input_names, dyn = ["pixels"], {"pixels": {0: "batch", 2: "height", 3: "width"}}
+            else:
+                toks = {k: v.to(model.device) for k, v in _tokens(model, TRACE_TEXTS).items()}
+                names = list(model.text_states_from(model.text_features(toks)).keys())
+                input_names = list(toks)
+                wrapper, args = TextTower(model, input_names, names), tuple(toks[k] for k in input_names)
+                dyn = {k: ({0: "batch", 1: "length"} if toks[k].dim() > 1 else {0: "batch"}) for k in input_names}
+            dyn.update({n: ({0: "batch", 2: f"{n}_h", 3: f"{n}_w"} if tower == "maps" else {0: "batch"}) for n in names})
+            meta.update(inputs=input_names, outputs=names)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as fh:
+                torch.onnx.export(wrapper, args, fh, dynamo=False, input_names=input_names, output_names=names,
+                                  dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True)
+    except Exception as e:  # noqa: BLE001 — any tracer/exporter failure means "runs in torch"
+        meta.update(status="failed", reason=f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        write_json(side, meta)
+        return meta
+    finally:
+        model.train(was_training)
+    # parity on inputs the trace did not see (another batch size and text length)
+    try:
+        with torch.no_grad():
+            if tower == "image":
+                x = image_example(model, 3, size, 1)
+                ref = model.image_states(x.to(model.device))
+                feed = {"pixels": x.numpy()}
+            elif tower == "maps":
+                x = image_example(model, 2, 320, 1)[..., :288, :].contiguous()
+                ref = model.feature_maps(x.to(model.device))
+                feed = {"pixels": x.numpy()}
+            else:
+                toks = _tokens(model, CHECK_TEXTS)
+                ref = model.text_states_from(model.text_features({k: v.to(model.device) for k, v in toks.items()}))
+                feed = {k: toks[k].numpy() for k in meta["inputs"]}
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(meta["outputs"], feed)
+        par = _parity({k: ref[k] for k in meta["outputs"]}, got)
+    except Exception as e:  # noqa: BLE001
+        par, meta["reason"] = None, f"exported graph does not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    meta["parity"] = par
+    if par is not None and _parity_ok(par):
+        meta.update(status="ok", sha256=_sha256(path), bytes=path.stat().st_size)
+    else:
+        meta["status"] = "mismatch"
+        meta.setdefault("reason", f"ONNX differs from PyTorch beyond max |Δ| {MAX_ABS} / cos {MIN_COS}: {par}")
+        path.unlink(missing_ok=True)  # never leave a graph that gives other answers
+    write_json(side, meta)
+    return meta
+
+
+def cached_tower(model, tower: str, size: Optional[int] = None, verify: bool = True) -> tuple[Optional[Path], dict]:
+    """The cached export of ``tower`` if it is valid (sidecar ok, file present, sha256 matches),
+    exporting it first when absent or corrupt. Returns (path or None, sidecar)."""
+    path, side = tower_paths(model, tower, size)
+    meta = None
+    if side.exists():
+        try:
+            meta = json.loads(side.read_text())
+            if not isinstance(meta, dict) or meta.get("export") != EXPORT_VERSION or meta.get("torch") != torch.__version__:
+                meta = None  # another exporter: redo
+        except (OSError, ValueError):
+            meta = None
+    if meta is not None and meta.get("status") in ("failed", "mismatch"):
+        return None, meta  # known not to export: do not retry on every start
+    if meta is not None and meta.get("status") == "ok":
+        try:
+            ok = path.exists() and path.stat().st_size == meta.get("bytes") and (not verify or _sha256(path) == meta.get("sha256"))
+        except OSError:
+            ok = False
+        if ok:
+            meta["cache_hit"] = True
+            return path, meta
+        log.warning("rsviewer: cached ONNX export %s is damaged; rebuilding it", path.name)
+    meta = export_tower(model, tower, size)
+    meta["cache_hit"] = False
+    return (path if meta["status"] == "ok" else None), meta

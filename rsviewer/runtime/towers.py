@@ -1,0 +1,230 @@
+"""Run a model's frozen towers in ONNX Runtime, or in PyTorch when that is not possible.
+
+    tw = towers(model, "auto")          # memoised per (model, runtime)
+    st = tw.image_states(pixels)        # dict of CPU float tensors, like model.image_states
+    st = tw.text_states(["a river"])    # like model.text_states (one short query: 1 thread)
+    tw.info()                           # which runtime each tower uses, and why
+
+Threads: batch work (index building, windows) runs in a session with ``intra_op`` =
+the cores torch uses; a single short text query runs in its own 1-thread session (on a
+2-core CPU one thread is faster for a ~10-token query and leaves the other core to
+whatever else runs — bench/query.py measures both). Sessions have their own thread
+pools, so nothing here changes ``torch.set_num_threads`` for work in other threads.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..archs.base import check_query
+from ..errors import RsviewerError
+
+log = logging.getLogger("rsviewer.runtime")
+
+RUNTIMES = ("auto", "torch", "onnx")
+QUERY_THREADS = 1  # threads of the single-query text session (measured: bench/query.py)
+QUERY_BATCH = 4  # texts up to this many use the query session
+
+_towers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+class RuntimeError_(RsviewerError):
+    """``--runtime onnx`` asked for but ONNX Runtime is not installed."""
+
+
+def ort_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def providers(device: torch.device) -> list[str]:
+    """TensorRT / CUDA providers when installed and the model is on a GPU, then CPU."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    out = []
+    if device.type == "cuda":
+        out += [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
+    return out + ["CPUExecutionProvider"]
+
+
+def resolve_runtime(runtime: str, model) -> str:
+    """``auto`` → ``onnx`` when ONNX Runtime is installed and the model is on the CPU (or on a
+    GPU with ORT's CUDA provider), else ``torch``; ``onnx`` without ONNX Runtime is an error."""
+    if runtime not in RUNTIMES:
+        raise RuntimeError_(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return "torch"
+    if not ort_available():
+        if runtime == "onnx":
+            raise RuntimeError_("--runtime onnx needs ONNX Runtime: pip install onnxruntime")
+        return "torch"
+    dev = model.device
+    if runtime == "auto" and dev.type != "cpu" and len(providers(dev)) == 1:
+        return "torch"  # a GPU model and no GPU provider: torch on the GPU is faster
+    return "onnx"
+
+
+def default_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _session(path, device, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads == 1:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=providers(device))
+
+
+class Towers:
+    """The frozen towers of one model in one runtime (see the module docstring)."""
+
+    def __init__(self, model, runtime: str = "auto"):
+        self.model = model
+        self.runtime = resolve_runtime(runtime, model)
+        self.reasons: dict[str, str] = {}
+        self.parity: dict[str, dict] = {}
+        self._sessions: dict[tuple, object] = {}
+        self._meta: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    # -- sessions ------------------------------------------------------------------------
+    def _get(self, tower: str, size: Optional[int], threads: int):
+        """The ORT session for a tower (exported/loaded on first use), or None → torch."""
+        if self.runtime != "onnx":
+            return None
+        key = (tower, size)
+        if key in self.reasons:
+            return None
+        skey = (tower, size, threads)
+        sess = self._sessions.get(skey)
+        if sess is not None:
+            return sess
+        with self._lock:
+            if skey in self._sessions:
+                return self._sessions[skey]
+            from .export import cached_tower
+
+            try:
+                path, meta = cached_tower(self.model, tower, size)
+            except ImportError as e:  # onnx itself missing
+                path, meta = None, {"reason": f"export needs the onnx package ({e.name})"}
+            if path is None:
+                self.reasons[key] = meta.get("reason", "export unavailable")
+                log.warning("rsviewer: %s %s tower runs in PyTorch: %s", self.model.arch, tower, self.reasons[key])
+                return None
+            self._meta[tower] = meta
+            self.parity[tower] = meta.get("parity") or {}
+            try:
+                sess = _session(path, self.model.device, threads)
+            except Exception as e:  # noqa: BLE001 — a graph ORT cannot load: torch
+                self.reasons[key] = f"ONNX Runtime cannot load the export: {str(e).splitlines()[0][:160]}"
+                log.warning("rsviewer: %s %s tower runs in PyTorch: %s", self.model.arch, tower, self.reasons[key])
+                return None
+            self._sessions[skey] = sess
+            return sess
+
+    # -- towers --------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_states(self, pixels: torch.Tensor, threads: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """``model.image_states(pixels)`` as CPU float tensors; square inputs of any side
+        (one export per side)."""
+        b, c, h, w = pixels.shape
+        sess = self._get("image", int(h), threads or default_threads()) if h == w else None
+        if sess is None:
+            from ..utils.device import autocast
+
+            with autocast(self.model.device):
+                st = self.model.image_states(pixels.to(self.model.device))
+            return {k: v.float().cpu() for k, v in st.items()}
+        names = self._meta["image"]["outputs"]
+        out = sess.run(names, {"pixels": np.ascontiguousarray(pixels.detach().cpu().numpy(), np.float32)})
+        return {k: torch.from_numpy(v) for k, v in zip(names, out)}
+
+    def maps_available(self) -> bool:
+        """Is the ``feature_maps`` graph (shared-map localization) running in ONNX Runtime?"""
+        if self.runtime != "onnx" or not callable(getattr(self.model, "feature_maps", None)):
+            return False
+        return self._get("maps", None, default_threads()) is not None
+
+    @torch.no_grad()
+    def feature_maps(self, pixels: torch.Tensor, threads: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """``model.feature_maps(pixels)`` for inputs whose sides are multiples of 32 (what the
+        graph is valid for); other sizes, or no graph, run in PyTorch."""
+        h, w = pixels.shape[-2:]
+        sess = self._get("maps", None, threads or default_threads()) if h % 32 == 0 and w % 32 == 0 else None
+        if sess is None:
+            return {k: v.float() for k, v in self.model.feature_maps(pixels.float().to(self.model.device)).items()}
+        names = self._meta["maps"]["outputs"]
+        out = sess.run(names, {"pixels": np.ascontiguousarray(pixels.detach().float().cpu().numpy())})
+        return {k: torch.from_numpy(v) for k, v in zip(names, out)}
+
+    @torch.no_grad()
+    def text_states(self, texts: Sequence[str], threads: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """``model.text_states(texts)`` as CPU float tensors; a few texts (a query) run
+        with ``QUERY_THREADS``, batches with the torch thread count."""
+        texts = [check_query(t) for t in texts]
+        th = threads or (QUERY_THREADS if len(texts) <= QUERY_BATCH else default_threads())
+        sess = self._get("text", None, th)
+        if sess is None:
+            from ..utils.device import autocast
+
+            with autocast(self.model.device):
+                st = self.model.text_states(texts)
+            return {k: v.float().cpu() for k, v in st.items()}
+        meta = self._meta["text"]
+        toks = self.model.tokenize(texts)
+        out = sess.run(meta["outputs"], {k: toks[k].cpu().numpy() for k in meta["inputs"]})
+        return {k: torch.from_numpy(v) for k, v in zip(meta["outputs"], out)}
+
+    def info(self) -> dict:
+        """What runs where: ``{"runtime", "image": "onnx"|"torch (reason)", "text": ..., "parity"}``."""
+        def where(tower):
+            bad = [r for (t, _), r in self.reasons.items() if t == tower]
+            if self.runtime != "onnx":
+                return "torch"
+            if bad:
+                return f"torch ({bad[0]})"
+            return "onnx" if tower in self._meta else "onnx (not loaded yet)"
+
+        out = {"runtime": self.runtime, "image": where("image"), "text": where("text")}
+        if "maps" in self._meta or any(t == "maps" for t, _ in self.reasons):
+            out["maps"] = where("maps")
+        return {**out, "parity": self.parity}
+
+
+def towers(model, runtime: str = "auto") -> Towers:
+    """The memoised :class:`Towers` of ``model`` for ``runtime``."""
+    name = resolve_runtime(runtime, model)
+    with _lock:
+        per = _towers.setdefault(model, {})
+        tw = per.get(name)
+        if tw is None:
+            tw = per[name] = Towers(model, name)
+    return tw
+
+
+def warm_up(model, runtime: str = "auto") -> dict:
+    """Load (exporting once per model fingerprint) both towers and run each once, so the
+    first user query is warm. Returns :meth:`Towers.info`. Safe to call from a worker thread."""
+    tw = towers(model, runtime)
+    tw.text_states(["a warm-up query"])
+    tw.text_states(["a"] * (QUERY_BATCH + 1))  # the batch session too (index building)
+    from .export import image_example
+
+    tw.image_states(image_example(model, 1, model.image_size, 0))
+    return tw.info()
