@@ -166,7 +166,7 @@ def score_index(
         sim = _pairwise_sim(model, img, txt, progress, cancel)
     else:
         report(progress, 0, 1, "scoring")
-        txt = {"emb": torch.from_numpy(np.ascontiguousarray(index.caption_emb, np.float32))}
+        txt = {"emb": torch.from_numpy(np.array(index.caption_emb, np.float32))}
         sim = similarity_matrix(model, img, txt)
         report(progress, 1, 1, "scoring")
     check(cancel)
