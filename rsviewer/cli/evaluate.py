@@ -43,11 +43,12 @@ def _check_out(path) -> None:
 
     from ..errors import RsviewerError
 
+    from ..retrieval.per_query import _guard
+
     p = Path(path)
     if p.suffix.lower() not in (".csv", ".parquet"):
         raise RsviewerError(f"--per-query {path}: end the file name in .csv or .parquet")
-    if p.is_dir():
-        raise RsviewerError(f"--per-query {path} is a folder; give a file name")
+    _guard(p)  # before minutes of encoding: refuse a folder or a file rsviewer did not write
 
 
 def _load_b(args):
@@ -82,12 +83,23 @@ def _summary(pq, ds, split: str) -> dict:
             "mR": round(float(pq.metrics["mR"]), 2)}
 
 
+def _same_weights(a, b) -> bool:
+    fa, fb = getattr(a, "fingerprint", None), getattr(b, "fingerprint", None)
+    return fa is not None and fa == fb and getattr(a, "model_dir", None) == getattr(b, "model_dir", None)
+
+
 def _run_per_query(args, ds, model, model_b) -> int:
     from ..retrieval.per_query import compare_table, per_query, per_query_table, score_dataset, write_table
 
     bar = progress_bar(args)
-    pqs = [per_query(score_dataset(m, ds, args.split, args.rerank, progress=bar, batch_size=args.batch_size))
-           for m in [model] + ([model_b] if model_b is not None else [])]
+    scores = score_dataset(model, ds, args.split, args.rerank, progress=bar, batch_size=args.batch_size)
+    pqs = [per_query(scores)]
+    if model_b is not None:
+        if _same_weights(model, model_b):  # the same model folder twice: its scores are the same
+            scores_b = scores
+        else:
+            scores_b = score_dataset(model_b, ds, args.split, args.rerank, progress=bar, batch_size=args.batch_size)
+        pqs.append(per_query(scores_b))
     res = [_summary(pq, ds, args.split) for pq in pqs]
     ceiling = round(float(pqs[0].ceiling["mR"]), 2)
     out = dict(res[0])

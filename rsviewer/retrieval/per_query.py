@@ -18,7 +18,8 @@ numbers (same encoders, same reranker, same closed-form tie handling):
   that the first of ``own_ties`` own captions lands in the first ``K - rank + 1`` of the
   ``own_ties + ties`` tied slots. ``R@K = 100 * mean(hit@K)`` per direction is the value
   ``rsviewer eval`` prints; ``exp_rank`` is the expected 1-based rank.
-* top-1: the best-scoring item; among items tied for first place the ground truth wins
+* top-1 (``top1`` an image id; for i2t the image of the top-1 caption, which is
+  ``top1_caption_index``/``top1_caption``): the best-scoring item; among items tied for first place the ground truth wins
   when it is one of them (so ``top1 == ground truth`` exactly when ``rank == 1``),
   otherwise the first in gallery order.
 
@@ -64,7 +65,7 @@ __all__ = [
 KS = (1, 5, 10)
 #: the columns each model contributes (prefixed a_/b_ when two models are compared)
 MODEL_COLUMNS = ("rank", "ties", "own_ties", "exp_rank") + tuple(f"hit@{k}" for k in KS) + (
-    "top1", "top1_label", "top1_caption")
+    "top1", "top1_label", "top1_caption_index", "top1_caption")
 SHARED_COLUMNS = ("direction", "query", "image", "label", "caption", "dup_group", "dup_size")
 TABLE_MARK = "rsviewer-per-query/1"  # parquet metadata / CSV header check before an overwrite
 
@@ -303,9 +304,11 @@ def _model_columns(pq: PerQuery) -> dict[str, list]:
     for k in KS:
         out[f"hit@{k}"] = np.concatenate([t[f"hit@{k}"], i[f"hit@{k}"]]).tolist()
     ci = pq.caption_image
-    out["top1"] = [pq.ids[r] for r in t["top1"]] + [int(c) for c in i["top1"]]
+    # top1: the image of the top-1 result (i2t: the image the top-1 caption belongs to)
+    out["top1"] = [pq.ids[r] for r in t["top1"]] + [pq.ids[ci[c]] for c in i["top1"]]
     out["top1_label"] = ([_label(pq.labels[r]) for r in t["top1"]] +
                          [_label(pq.labels[ci[c]]) for c in i["top1"]])
+    out["top1_caption_index"] = [-1] * len(t["top1"]) + [int(c) for c in i["top1"]]
     out["top1_caption"] = [""] * len(t["top1"]) + [pq.captions[c] for c in i["top1"]]
     return out
 
