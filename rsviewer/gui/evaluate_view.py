@@ -168,8 +168,13 @@ class QueryFilter(QSortFilterProxyModel):
         self.setSortRole(Qt.UserRole)
 
     def set_mask(self, mask: Optional[np.ndarray]) -> None:
-        self.mask = mask
-        self.invalidateFilter()
+        if hasattr(self, "beginFilterChange"):  # Qt >= 6.9 (invalidateFilter is deprecated there)
+            self.beginFilterChange()
+            self.mask = mask
+            self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+        else:
+            self.mask = mask
+            self.invalidateFilter()
 
     def filterAcceptsRow(self, row, parent) -> bool:  # noqa: N802
         return self.mask is None or bool(self.mask[row])
