@@ -69,6 +69,12 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.map, "Embedding map")
         self.tabs.addTab(self.scene, "Scene")
         self.tabs.addTab(self.compare, "Compare")
+        # Evaluate tab (issue 15): all of its logic lives in evaluate_view.py
+        from .evaluate_view import EvaluateWidget
+        self.evaluate = EvaluateWidget(self.jobs)
+        self.tabs.addTab(self.evaluate, "Evaluate")
+        self.evaluate.query_requested.connect(self.show_eval_query)
+        self.ready.connect(lambda: self.evaluate.set_context(self.gallery_spec, self.model_spec))
         central = QWidget()
         hl = QHBoxLayout(central)
         hl.setContentsMargins(0, 0, 0, 0)
@@ -355,6 +361,12 @@ class MainWindow(QMainWindow):
         self.last_error = msg
         self.results.set_message(f"Search failed: {msg}", error=True)
         self.show_message(f"Search failed: {msg}")
+
+    def show_eval_query(self, kind: str, value: str, switch: bool = False) -> None:
+        """Evaluate tab → run its query in the Results tab, where the ground truth is marked."""
+        self._map_text(value) if kind == "text" else self.run_image(value)
+        if switch:
+            self.tabs.setCurrentWidget(self.results)
 
     def _activate_hit(self, hit) -> None:
         self.dock.show()
