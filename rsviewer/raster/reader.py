@@ -205,6 +205,18 @@ class Raster:
         if float(g.max(initial=0.0)) <= 0.0:
             raise ImageError(f"{self.path.name} has no valid pixels (every pixel is nodata or transparent)")
 
+    def ensure_stretch(self) -> Optional[dict]:
+        """Compute the 8-bit stretch now (non-8-bit data), so it is fixed before any window
+        is read and can be stored with a result; None for 8-bit data."""
+        if self.backend == "rasterio" and self.dtype != "uint8" and self._lut is None and self.stretch is None:
+            with self._lock:
+                self.stretch = self._compute_stretch()
+        return self.stretch
+
+    def pixel_key(self) -> dict:
+        """What, besides the file, decides the 8-bit pixels (for caches)."""
+        return {"bands": list(self.bands), "stretch": self.ensure_stretch()}
+
     def level_factors(self) -> list[int]:
         """1 (full resolution) then the overview factors, finest first."""
         return [1] + list(self.overviews)

@@ -52,7 +52,7 @@ def _atomic_path(path: Path):
 
 
 def write_cog(path, data: np.ndarray, transform, crs=None, valid: Optional[np.ndarray] = None,
-              tags: Optional[dict] = None, blocksize: int = 128) -> Path:
+              tags: Optional[dict] = None, blocksize: Optional[int] = None) -> Path:
     """Write a single-band ``data`` (h, w) — uint8 or float32 — as a COG (deflate, internal
     overviews, ``valid`` as the internal mask; NaN nodata for float32)."""
     import rasterio
@@ -64,6 +64,8 @@ def write_cog(path, data: np.ndarray, transform, crs=None, valid: Optional[np.nd
     if data.ndim != 2:
         raise ValueError("write_cog takes one band (h, w)")
     h, w = data.shape
+    if blocksize is None:  # small maps still get at least one overview level
+        blocksize = 256 if max(h, w) > 1024 else 128 if max(h, w) > 256 else 64
     profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": data.dtype.name,
                "transform": transform, "crs": crs}
     if data.dtype == np.float32:
