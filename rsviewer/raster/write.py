@@ -23,7 +23,7 @@ def check_output_path(path, suffixes: Optional[Sequence[str]] = None, what: str 
     whose suffix is not one of ``suffixes``."""
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
-        raise RsviewerError(f"cannot tell what to write to {p.name!r}; end the {what} in {', '.join(suffixes)}")
+        raise RsviewerError(f"cannot tell what to write to {p.name!r} ({what}); end it in {', '.join(suffixes)}")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise RsviewerError(f"the folder of {what} {p} does not exist ({parent}); create it first")
