@@ -260,13 +260,12 @@ def test_load_anno(tmp_path):
 
 # ---- scene reader ----------------------------------------------------------------------------
 def test_scene_regions_png_jpeg_tiff_identical(tmp_path):
-    pytest.importorskip("tifffile")
     w, h = 333, 250
     ref = _write_scene(tmp_path / "s.png", w, h)
     _write_scene(tmp_path / "s.jpg", w, h)
     _write_scene(tmp_path / "s.tif", w, h)
     scenes = {ext: open_scene(tmp_path / f"s.{ext}") for ext in ("png", "jpg", "tif")}
-    assert scenes["tif"].backend == "tifffile" and scenes["png"].backend == "pillow"
+    assert scenes["tif"].backend == "rasterio" and scenes["png"].backend == "pillow"
     for sc in scenes.values():
         assert sc.size == (w, h)
     for (x, y, rw, rh, out) in [(0, 0, 64, 64, None), (100, 37, 150, 120, None), (300, 200, 64, 64, None),
@@ -320,17 +319,24 @@ def test_scene_pixel_limit(tmp_path, monkeypatch):
         localize(TinyModel(), tmp_path / "s.jpg", "q", window_sizes=(64,), cache=False)
 
 
-def test_scene_tiff_banded_reduced_read(tmp_path, monkeypatch):
-    pytest.importorskip("tifffile")
-    import rsviewer.localize.scene as scene_mod
+def test_scene_tiff_reduced_read_from_overviews(tmp_path, monkeypatch):
+    """A reduced read of a big region is served by GDAL (overviews of a sidecar .ovr or
+    block-wise decimation) and agrees with decoding it whole and resizing."""
+    import rsviewer.raster.reader as reader
+    from rsviewer.raster import build_overviews
 
-    _write_scene(tmp_path / "s.tif", 300, 260)
+    _write_scene(tmp_path / "s.tif", 600, 520)
     with open_scene(tmp_path / "s.tif") as sc:
-        whole = sc.read_region(-20, 10, 330, 240, (110, 80))
-        monkeypatch.setattr(scene_mod, "_BAND_PIXELS", 3000)  # force the band-by-band path
-        banded = sc.read_region(-20, 10, 330, 240, (110, 80))
-    assert banded.shape == whole.shape
-    assert np.abs(banded.astype(int) - whole.astype(int)).mean() < 2
+        whole = sc.read_region(-20, 10, 630, 480, (110, 80))
+        monkeypatch.setattr(reader, "_DIRECT_PIXELS", 3000)  # force GDAL's decimated read
+        decimated = sc.read_region(-20, 10, 630, 480, (110, 80))
+        ticks = []
+        build_overviews(sc, progress=lambda d, t, m: ticks.append((d, t)), rows=128)
+        assert sc.overviews == [2] and ticks[-1][0] == ticks[-1][1]
+        from_ovr = sc.read_region(-20, 10, 630, 480, (110, 80))
+    for arr in (decimated, from_ovr):
+        assert arr.shape == whole.shape
+        assert np.abs(arr.astype(int) - whole.astype(int)).mean() < 3
 
 
 # ---- engine with the tiny model ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""rsviewer index --model M --data JSON|--images DIR --out INDEX"""
+"""rsviewer index --model M --data JSON|--images DIR --out INDEX
+rsviewer index --model M --scenes FILE_OR_DIR [--scenes …] --tile 256 --overlap 0.5 [--level N] --out INDEX"""
 from __future__ import annotations
 
 from .common import add_force_arg, add_json_arg, add_model_arg, check_out_dir, emit, load, positive_int, progress_bar
@@ -10,6 +11,12 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="dataset (Karpathy JSON, precomp folder, CSV)")
     src.add_argument("--images", help="a folder of images (sub-folders become labels)")
+    src.add_argument("--scenes", action="append", default=None,
+                     help="big scenes (GeoTIFF/COG/JP2/VRT/PNG/JPEG files or folders; repeatable): index their tiles")
+    p.add_argument("--tile", type=int, default=256, help="with --scenes: tile side in px at --level (default 256)")
+    p.add_argument("--overlap", type=float, default=0.5, help="with --scenes: overlap of neighbouring tiles (default 0.5)")
+    p.add_argument("--level", type=int, default=0,
+                   help="with --scenes: overview level (0 full resolution; N: tiles cover tile·2^N px)")
     p.add_argument("--image-dir", default=None, help="with --data: where the dataset's images are")
     p.add_argument("--split", default=None, help="index one split only (default: all)")
     p.add_argument("--skip-missing", action="store_true", help="leave out listed images that do not exist")
@@ -23,6 +30,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..retrieval.index import build_index
 
+    if args.scenes:
+        return _run_scenes(args)
     source = args.data or args.images
     check_out_dir(args, args.out, [source, args.image_dir])  # before the model loads and minutes of encoding
     model = load(args)
@@ -32,4 +41,20 @@ def run(args) -> int:
     emit(args, {"out": str(args.out), **m},
          f"indexed {m['n_images']} images and {m['n_captions']} captions with {m['model']} → {args.out} "
          f"({m['seconds']:.1f} s, {m['n_images'] / max(m['seconds'], 1e-9):.1f} images/s)")
+    return 0
+
+
+def _run_scenes(args) -> int:
+    from ..localize.tiles import build_tile_index, scene_files, tile_boxes
+
+    scene_files(args.scenes)  # missing scenes fail before the model loads
+    check_out_dir(args, args.out, args.scenes)
+    tile_boxes((1 << 20, 1 << 20), args.tile, args.overlap, args.level)  # so do bad tile settings
+    model = load(args)
+    idx = build_tile_index(model, args.scenes, args.out, tile=args.tile, overlap=args.overlap, level=args.level,
+                           progress=progress_bar(args), overwrite=args.force)
+    m = idx.meta
+    emit(args, {"out": str(args.out), **m},
+         f"indexed {m['n_images']} tiles of {m['tiles']['scenes']} scene(s) ({args.tile} px at level {args.level}, "
+         f"overlap {args.overlap:g}) with {m['model']} → {args.out} ({m['seconds']:.1f} s)")
     return 0

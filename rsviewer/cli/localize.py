@@ -1,8 +1,10 @@
 """rsviewer localize — semantic localization of a sentence in a large scene (SeLo).
 
 One scene:
-    rsviewer localize --model M --scene IMG --text "…" [--text "…" …] --out PNG [--json]
+    rsviewer localize --model M --scene IMG --text "…" [--text "…" …] [--out FILE …] [--json]
         [--windows 256,512,768] [--two-stage] [--mode fast|crops] [--anno anno.json]
+    --out by suffix (repeatable): .png/.jpg overlay; .tif COG probability map in the scene's CRS;
+    .geojson top regions (WGS 84 lon/lat; --geojson-crs scene for the scene's CRS)
 SeLo metrics over an annotation file:
     rsviewer localize --model M --anno anno.json --scenes DIR [--json] [--out-dir DIR]
 """
@@ -37,7 +39,19 @@ def register(sub) -> None:
     p.add_argument("--scene", help="scene image (JPEG, PNG, TIFF; tiled TIFFs are read by region)")
     p.add_argument("--text", action="append", default=None,
                    help="query; repeat to average several phrasings on the text side")
-    p.add_argument("--out", help="overlay to write, .png or .jpg (JET map at 0.3 over the scene at 0.7)")
+    p.add_argument("--out", action="append", default=None,
+                   help="output by suffix, repeatable: .png/.jpg overlay (JET map at 0.3 over the scene at 0.7); "
+                        ".tif/.tiff probability map as a COG in the scene's CRS; .geojson top regions")
+    p.add_argument("--cog-dtype", choices=["uint8", "float32"], default="uint8",
+                   help="COG values: uint8 0-255 (default) or float32 0-1")
+    p.add_argument("--geojson-crs", choices=["wgs84", "scene"], default="wgs84",
+                   help="GeoJSON coordinates: wgs84 lon/lat (RFC 7946, default) or the scene's CRS")
+    p.add_argument("--threshold", type=float, default=0.5, help="regions: cells with probability ≥ this (default 0.5)")
+    p.add_argument("--regions", type=int, default=10, help="regions: how many, best first (default 10)")
+    p.add_argument("--bands", default=None, help="bands shown as R,G,B (e.g. 4,3,2, or 1 for grey; default by "
+                                                  "colour interpretation, else 1,2,3)")
+    p.add_argument("--build-overviews", action="store_true",
+                   help="build a sidecar .ovr first when a large GeoTIFF has no overviews")
     p.add_argument("--anno", help="SeLo anno.json: ground-truth polygons (with --scene: drawn, and metrics "
                                   "when the query matches an entry; without --scene: evaluate all queries)")
     p.add_argument("--scenes", help="with --anno: folder of the scene images (default: images/ next to anno.json)")
@@ -81,17 +95,69 @@ def run(args) -> int:
     return _run_scene(args)
 
 
+_OVERLAY = (".png", ".jpg", ".jpeg", ".webp")
+_COG = (".tif", ".tiff")
+_GEOJSON = (".geojson", ".json")
+
+
+def parse_bands(text):
+    from ..errors import RsviewerError
+
+    if not text:
+        return None
+    try:
+        b = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise RsviewerError(f"--bands takes 1-based band numbers like 4,3,2, got {text!r}") from None
+    if len(b) not in (1, 3):
+        raise RsviewerError(f"--bands takes one band (grey) or three (R,G,B), got {text!r}")
+    return b
+
+
+def check_outputs(outs, scene, geojson_crs: str) -> None:
+    """Every output's suffix and folder, and what a GeoJSON needs of the scene: checked
+    before the model loads or any window is read."""
+    from ..raster.write import check_output_path
+
+    for o in outs or []:
+        check_output_path(o, _OVERLAY + _COG + _GEOJSON, "--out")
+        if o.lower().endswith(_GEOJSON):
+            scene.georef.require_crs("GeoJSON regions")
+            if geojson_crs == "wgs84":
+                scene.georef.check_wgs84("GeoJSON in WGS 84")
+
+
+def write_outputs(res, sc, outs, args_like, model_name, polys=None) -> list[str]:
+    """Write each ``--out`` by its suffix; returns the paths written."""
+    from ..utils.atomic import save_image
+
+    written = []
+    for o in outs or []:
+        low = o.lower()
+        if low.endswith(_COG):
+            written.append(str(res.write_cog(o, dtype=args_like.cog_dtype, model=model_name)))
+        elif low.endswith(_GEOJSON):
+            written.append(str(res.write_geojson(o, crs=args_like.geojson_crs, threshold=args_like.threshold,
+                                                 top=args_like.regions, model=model_name)))
+        else:
+            img = res.overlay(polygons=polys, image=sc.thumbnail(args_like.max_side))
+            written.append(str(save_image(img, o)))
+    return written
+
+
 def _run_scene(args) -> int:
     from ..localize import load_anno, localize, open_scene, selo_metrics
-    from ..utils.atomic import image_format, save_image
+    from ..raster import build_overviews, needs_overviews
 
-    if args.out:
-        image_format(args.out)  # a bad suffix fails before the scene is read
-        check_out_file(args, args.out, [args.scene, args.anno])
+    for o in args.out or []:  # a file rsviewer did not write is never replaced; checked before any work
+        check_out_file(args, o, [args.scene, args.anno])
 
     text = args.text[0] if len(args.text) == 1 else list(args.text)
     entries = load_anno(args.anno) if args.anno else []  # bad input fails before the model loads
-    with open_scene(args.scene) as sc:
+    with open_scene(args.scene, bands=parse_bands(args.bands)) as sc:
+        check_outputs(args.out, sc, args.geojson_crs)
+        if args.build_overviews and needs_overviews(sc):
+            build_overviews(sc, progress=progress_bar(args))
         model = load(args)
         bar = progress_bar(args)
         res = localize(model, sc, text, window_sizes=args.windows, two_stage=args.two_stage, progress=bar,
@@ -104,14 +170,11 @@ def _run_scene(args) -> int:
             if match:
                 polys = [pl for e in match for pl in e["points"]]
                 metrics = selo_metrics(res.prob, polys, res.scene_size, cell=res.cell)
-        out = None
-        if args.out:
-            img = res.overlay(polygons=polys, image=sc.thumbnail(args.max_side))
-            out = save_image(img, args.out)
+        written = write_outputs(res, sc, args.out, args, getattr(model, "name", None), polys)
     obj = res.to_json()
     obj["model"] = getattr(model, "name", None)
-    if out:
-        obj["out"] = str(out)
+    if written:
+        obj["out"] = written[0] if len(written) == 1 else written
     if metrics:
         obj["metrics"] = metrics
     W, H = res.scene_size
@@ -122,8 +185,17 @@ def _run_scene(args) -> int:
     ]
     if metrics:
         lines.append("  ".join(f"{k} {metrics[k]:.4f}" for k in ("Rsu", "Ras", "Rda", "Rmi")))
-    if out:
-        lines.append(f"wrote {out}")
+    g = res.georef
+    if g is not None and not g.has_crs:
+        lines.append("scene has no CRS: results are in pixel space")
+    elif g is not None:
+        ll = g.lonlat_or_none(*res.peak)
+        mx, my = g.pixel_to_map(*res.peak)
+        lines.append(f"peak at {g.crs_label()} {mx:.2f}, {my:.2f}" + (f" (lon {ll[0]:.6f}, lat {ll[1]:.6f})" if ll else ""))
+    if res.info.get("skipped_nodata_windows"):
+        lines.append(f"{res.info['skipped_nodata_windows']} mostly-nodata windows skipped")
+    for w in written:
+        lines.append(f"wrote {w}")
     emit(args, obj, "\n".join(lines))
     return 0
 

@@ -1,7 +1,7 @@
 """rsviewer search --index DIR --text "…" | --image PATH  [-k 10] [--json]"""
 from __future__ import annotations
 
-from .common import add_json_arg, emit, positive_int
+from .common import add_json_arg, check_out_file, emit, positive_int
 
 
 def register(sub) -> None:
@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--target", default="images", choices=["images", "captions"], help="for --image: what to return")
     p.add_argument("--rerank", default="none", choices=["none", "mr", "smr"])
     p.add_argument("--label", action="append", default=None, help="only results with this scene label (repeatable)")
+    p.add_argument("--geojson", default=None, help="tile index: also write the hits' footprints as GeoJSON")
+    p.add_argument("--geojson-crs", default="wgs84", choices=["wgs84", "scene"],
+                   help="GeoJSON coordinates: wgs84 lon/lat (RFC 7946, default) or the scenes' CRS")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -26,6 +29,11 @@ def run(args) -> int:
     from ..retrieval.search import search_image, search_text
     from ..utils.device import pick_device
 
+    if args.geojson:
+        from ..raster.write import check_output_path
+
+        check_output_path(args.geojson, (".geojson", ".json"), "--geojson")  # before any work
+        check_out_file(args, args.geojson, [args.index])
     index = load_index(args.index)
     model = load_model(args.model or index_model_dir(index.meta), device=pick_device(args.device))
     if args.text is not None:
@@ -36,5 +44,12 @@ def run(args) -> int:
     for h in res.hits:
         extra = h.text if h.text else (h.captions[0] if h.captions else "")
         lines.append(f"{h.rank:3d}  {h.score:+.4f}  {h.id:<24} {h.label or '':<18} {extra}")
-    emit(args, res.to_json(), "\n".join(lines))
+    obj = res.to_json()
+    if index.meta.get("kind") == "tiles":
+        from ..localize.tiles import hits_with_tiles
+
+        lines, obj = hits_with_tiles(index, res, lines, obj, args.geojson, args.geojson_crs)
+    elif args.geojson:
+        raise QueryError(f"--geojson needs a tile index (rsviewer index --scenes); {args.index} is a gallery")
+    emit(args, obj, "\n".join(lines))
     return 0

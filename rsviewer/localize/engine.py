@@ -59,6 +59,31 @@ class LocalizeResult:
     raw: Optional[np.ndarray] = None  # (gh, gw) mean cosine per cell before normalising (NaN: uncovered)
     scene_path: Optional[Path] = None
     info: dict = field(default_factory=dict)
+    georef: Optional[object] = None  # rsviewer.raster.Georef of the scene (CRS may be None: pixel space)
+    valid: Optional[np.ndarray] = None  # (gh, gw) valid-pixel fraction per cell; None: all valid
+
+    def valid_cells(self, min_valid: float = 0.5) -> Optional[np.ndarray]:
+        """Cells with at least ``min_valid`` valid (not nodata) pixels; None if all are."""
+        return None if self.valid is None else self.valid >= min_valid
+
+    def write_cog(self, path, dtype: str = "uint8", model: Optional[str] = None) -> Path:
+        """The map as a Cloud-Optimized GeoTIFF in the scene's CRS (see :mod:`.outputs`)."""
+        from .outputs import write_prob_cog
+
+        return write_prob_cog(self, path, dtype=dtype, model=model)
+
+    def regions(self, threshold: float = 0.5, top: int = 10) -> list[dict]:
+        """Connected regions above ``threshold``, best first (pixel space)."""
+        from .outputs import find_regions
+
+        return find_regions(self, threshold, top)
+
+    def write_geojson(self, path, crs: str = "wgs84", threshold: float = 0.5, top: int = 10,
+                      model: Optional[str] = None) -> Path:
+        """The top regions as GeoJSON, RFC 7946 lon/lat (``crs="scene"``: the scene's CRS)."""
+        from .outputs import write_regions
+
+        return write_regions(self, path, crs=crs, threshold=threshold, top=top, model=model)
 
     @property
     def peak(self) -> tuple[int, int]:
@@ -112,6 +137,7 @@ class LocalizeResult:
                 "cos_max": _nan(np.nanmax(self.raw)) if self.raw is not None else None,
             },
             "info": self.info,
+            "georef": self.georef.to_json() if self.georef is not None else None,
         }
 
 
@@ -179,6 +205,24 @@ def _pre(model) -> list:
     return [[round(float(v), 6) for v in getattr(model, "mean", ())], [round(float(v), 6) for v in getattr(model, "std", ())]]
 
 
+def _px(scene: Scene):
+    """Band choice and 8-bit stretch: they change the pixels, so they are part of the key
+    (None for plain 8-bit RGB, so existing cache entries stay valid)."""
+    key = scene.pixel_key() if hasattr(scene, "pixel_key") else None
+    if key and key["stretch"] is None and key["bands"] == [1, 2, 3]:
+        return None
+    return key
+
+
+def _keep_valid(scene: Scene, boxes: np.ndarray, min_valid: float) -> tuple[np.ndarray, int]:
+    """Drop windows with less than ``min_valid`` valid pixels (nodata, alpha, outside)."""
+    frac = scene.valid_fraction(boxes) if hasattr(scene, "valid_fraction") else None
+    if frac is None or len(boxes) == 0:
+        return boxes, 0
+    keep = frac >= min_valid
+    return boxes[keep], int((~keep).sum())
+
+
 def _embed(model, scene: Scene, boxes: np.ndarray, *, mode: str, input_size: int, precision: str,
            tile: int, halo: int, batch_size, use_cache: bool, progress, cancel, message: str):
     """(emb, cached, info) for ``boxes`` (whole-list cache entry)."""
@@ -187,7 +231,7 @@ def _embed(model, scene: Scene, boxes: np.ndarray, *, mode: str, input_size: int
     if mode == "fast":
         ok, reason, _ = fast_support(model, input_size, probe=False)  # no forward pass on a cache hit
         eff_mode = "fast" if ok else "crops"
-    cfg = {"mode": eff_mode, "input": input_size, "precision": prec, "pre": _pre(model)}
+    cfg = {"mode": eff_mode, "input": input_size, "precision": prec, "pre": _pre(model), "px": _px(scene)}
     if eff_mode == "fast":
         cfg.update(tile=tile, halo=halo)
     key = wcache.cache_key(scene.file_key, model_fingerprint(model), cfg, boxes)
@@ -201,7 +245,7 @@ def _embed(model, scene: Scene, boxes: np.ndarray, *, mode: str, input_size: int
                                   cancel=cancel, message=message)
     check(cancel)
     if info["mode"] != eff_mode:  # the numerical check refused the fast mode: store as crops
-        cfg = {"mode": info["mode"], "input": input_size, "precision": prec, "pre": _pre(model)}
+        cfg = {"mode": info["mode"], "input": input_size, "precision": prec, "pre": _pre(model), "px": _px(scene)}
         key = wcache.cache_key(scene.file_key, model_fingerprint(model), cfg, boxes)
     if use_cache:
         try:
@@ -216,7 +260,8 @@ def _embed_pool(model, scene: Scene, boxes: np.ndarray, *, input_size: int, prec
                 use_cache: bool, progress, cancel, message: str):
     """Stage-2 boxes (query dependent): one growing per-scene pool of crop embeddings."""
     prec = resolve_precision(precision, model.device)
-    cfg = {"mode": "crops", "input": input_size, "precision": prec, "pool": True, "pre": _pre(model)}
+    cfg = {"mode": "crops", "input": input_size, "precision": prec, "pool": True, "pre": _pre(model),
+           "px": _px(scene)}
     key = wcache.cache_key(scene.file_key, model_fingerprint(model), cfg)
     have_b = np.zeros((0, 3), np.int64)
     have_e = None
@@ -293,6 +338,7 @@ def localize(model, scene: str | Path | Scene, text: str | list[str], window_siz
     stage1_fraction = float(opts.pop("stage1_fraction", 0.15))
     half_sizes = tuple(int(h) for h in opts.pop("stage2_half_sizes", (64, 128)))
     input_size = int(opts.pop("input_size", None) or model.image_size)
+    min_valid = float(opts.pop("min_valid", 0.5))
     if opts:
         raise TypeError(f"localize() got unknown options: {', '.join(sorted(opts))}")
     if mode not in ("fast", "crops"):
@@ -312,6 +358,9 @@ def localize(model, scene: str | Path | Scene, text: str | list[str], window_siz
         c = int(cell or default_cell((W, H)))
         finest = min(sizes) if not two_stage else min([stage1_size] + [2 * h for h in half_sizes])
         sc.check_readable(min(finest, W, H) / input_size)  # fail now, not after an hour of work
+        if hasattr(sc, "check_not_empty"):
+            sc.check_not_empty()  # an all-nodata scene: one line, no work
+            sc.ensure_stretch()  # fixed before any window is read, stored with the result
         q, tstates = query_vector(model, texts)
         check(cancel)
         full_score = bool(getattr(model, "pairwise", False)) and pairwise == "score"
@@ -339,18 +388,30 @@ def localize(model, scene: str | Path | Scene, text: str | list[str], window_siz
             s = emb @ q.cpu().numpy().astype(np.float32)
             return s.astype(np.float64), cached, inf
 
+        skipped = 0
+
+        def valid_only(b: np.ndarray) -> np.ndarray:
+            nonlocal skipped
+            b, k = _keep_valid(sc, b, min_valid)
+            skipped += k
+            if len(b) == 0:
+                raise ImageError(f"{sc.path.name}: no window has {min_valid:.0%} valid pixels (nodata everywhere)")
+            return b
+
         if not two_stage:
-            boxes = sliding_windows((W, H), sizes)
+            boxes = valid_only(sliding_windows((W, H), sizes))
             scores, cached, inf = score_windows(boxes, "encoding windows")
             info.update(inf)
             kind = filt or "median"
         else:
-            tiles = sliding_windows((W, H), [stage1_size], offsets="single")
+            tiles = valid_only(sliding_windows((W, H), [stage1_size], offsets="single"))
             s1, cached1, inf = score_windows(tiles, "stage 1: tiles")
             info.update(inf)
             n_sel = min(len(tiles), int(len(tiles) * stage1_fraction) + 1)
             top = np.argsort(-s1, kind="stable")[:n_sel]
             b2 = stage2_boxes((W, H), tiles[top], half_sizes)
+            b2, k2 = _keep_valid(sc, b2, min_valid)
+            skipped += k2
             check(cancel)
             s2, cached2, _ = score_windows(b2, "stage 2: refinement", pool=True)
             boxes = np.concatenate([tiles[top], b2])
@@ -360,15 +421,25 @@ def localize(model, scene: str | Path | Scene, text: str | list[str], window_siz
             kind = filt or "gaussian"
         check(cancel)
         raw, cov = accumulate(boxes, scores, (W, H), c)
+        valid = sc.valid_grid(c) if hasattr(sc, "valid_grid") else None
+        if valid is not None:
+            raw = np.where(valid >= min_valid, raw, np.nan)  # nodata scores nothing
         prob = normalize(raw)
         prob = smooth(prob, c, kind, filter_px)
+        if valid is not None:
+            prob = np.where(valid >= min_valid, prob, 0.0)
+        if skipped:
+            info["skipped_nodata_windows"] = skipped
+        if hasattr(sc, "stretch"):
+            info.update(bands=list(sc.bands), stretch=sc.stretch, crs=sc.georef.crs_label())
         info.update(filter=kind, filter_px=filter_px or (251 if kind == "median" else 255 if kind == "gaussian" else None),
                     grid=list(prob.shape), covered=float((cov > 0).mean()))
         secs = time.perf_counter() - t0
         report(progress, 1, 1, "done")
         return LocalizeResult(prob=prob.astype(np.float32), scene_size=(W, H), cell=float(c), text=text,
                               seconds=secs, n_windows=int(len(boxes)), cached=bool(cached),
-                              raw=raw.astype(np.float32), scene_path=sc.path, info=info)
+                              raw=raw.astype(np.float32), scene_path=sc.path, info=info,
+                              georef=getattr(sc, "georef", None), valid=valid)
     finally:
         if own:
             sc.close()
