@@ -18,10 +18,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..data import load_dataset
-    from ..retrieval.evaluate import evaluate
 
     ds = load_dataset(args.data, images=args.images)
     ds.split(args.split)  # fail fast on a missing split, before loading the model
+    from ..retrieval.evaluate import evaluate
+
     model = load(args)
     res = evaluate(model, ds, args.split, args.rerank, progress=progress_bar(args), batch_size=args.batch_size)
     i, t = res["i2t"], res["t2i"]

@@ -82,12 +82,12 @@ def run(args) -> int:
 
 
 def _run_scene(args) -> int:
-    from ..localize import load_anno, localize, open_scene, selo_metrics
     from ..utils.atomic import image_format, save_image
 
-    if args.out:
-        image_format(args.out)  # a bad suffix fails before the scene is read
+    if args.out:  # a bad suffix or path fails before the scene is read
+        image_format(args.out)
         check_out_file(args, args.out, [args.scene, args.anno])
+    from ..localize import load_anno, localize, open_scene, selo_metrics
 
     text = args.text[0] if len(args.text) == 1 else list(args.text)
     entries = load_anno(args.anno) if args.anno else []  # bad input fails before the model loads
@@ -129,9 +129,11 @@ def _run_scene(args) -> int:
 
 
 def _run_anno(args) -> int:
-    from ..localize import evaluate_anno, load_anno
+    from ..utils.atomic import check_output_dir, claim_output_dir
 
-    from ..utils.atomic import claim_output_dir
+    if args.out_dir:  # before the engine imports (seconds); claimed below once the anno file is good
+        check_output_dir(args.out_dir, args.force, [args.anno, args.scenes], label="--out-dir", flag="--force")
+    from ..localize import evaluate_anno, load_anno
 
     load_anno(args.anno)  # a bad file fails before the model loads
     if args.out_dir:  # a user's folder is refused before any work; ours is marked by a manifest
