@@ -14,10 +14,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..data import load_dataset
+
+    ds = load_dataset(args.images)  # a bad folder fails before the model loads
     from ..retrieval.classify import classify
 
     model = load(args)
-    res = classify(model, args.images, progress=progress_bar(args))
+    res = classify(model, ds, progress=progress_bar(args))
     out = {k: res[k] for k in ("accuracy", "n", "per_class")}
     if args.predictions:
         out["predictions"] = res["predictions"]

@@ -60,12 +60,13 @@ def _load_b(args):
 
 def run(args) -> int:
     from ..data import load_dataset
-    from ..retrieval.evaluate import evaluate
 
     if args.per_query:
         _check_out(args.per_query)
     ds = load_dataset(args.data, images=args.images)
     ds.split(args.split)  # fail fast on a missing split, before loading the model
+    from ..retrieval.evaluate import evaluate
+
     model = load(args)
     model_b = _load_b(args) if args.compare else None
     if not args.per_query and model_b is None:

@@ -71,12 +71,8 @@ def run(args) -> int:
     import numpy as np
 
     from ..errors import QueryError
-    from ..explain import available_methods, broken_methods, explain, gradcam_layer_names, map_stats
-    from ..explain.overlay import COLORMAPS, render_png
 
-    if args.cmap not in COLORMAPS:
-        raise QueryError(f"unknown colormap {args.cmap!r}; choose from {', '.join(COLORMAPS)}")
-    if not args.list:
+    if not args.list:  # checked before the engine imports and the model loads (seconds)
         if not args.image:
             raise QueryError("give --image PATH (the image to explain)")
         if args.text is None and not args.query_image:
@@ -92,6 +88,11 @@ def run(args) -> int:
                 raise ImageError(f"image not found: {p}")
         if args.out:
             check_out_file(args, args.out, [args.image, args.query_image])
+    from ..explain import available_methods, broken_methods, explain, gradcam_layer_names, map_stats
+    from ..explain.overlay import COLORMAPS, render_png
+
+    if args.cmap not in COLORMAPS:
+        raise QueryError(f"unknown colormap {args.cmap!r}; choose from {', '.join(COLORMAPS)}")
     model = load(args)
     if args.list:
         obj = {"model": getattr(model, "name", model.arch), "arch": model.arch,
@@ -158,12 +159,13 @@ def run(args) -> int:
 
 
 def run_eval(args) -> int:
-    import json
-
-    from ..explain.faithfulness import evaluate_faithfulness
+    from ..data import load_dataset
 
     if args.out:  # before minutes of perturbation runs
         check_out_file(args, args.out, [args.data, args.images])
+    load_dataset(args.data, images=args.images).split(args.split)  # a bad dataset or split: before the model loads
+    from ..explain.faithfulness import evaluate_faithfulness
+
     model = load(args)
     res = evaluate_faithfulness(
         model,

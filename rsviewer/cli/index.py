@@ -28,14 +28,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..retrieval.index import build_index
+    from ..data import load_dataset
 
     if args.scenes:
         return _run_scenes(args)
     source = args.data or args.images
     check_out_dir(args, args.out, [source, args.image_dir])  # before the model loads and minutes of encoding
+    ds = load_dataset(source, images=args.image_dir)  # a bad gallery or split, too
+    if args.split and args.split != "all":
+        ds.split(args.split)
+    from ..retrieval.index import build_index
+
     model = load(args)
-    idx = build_index(model, source, args.out, images=args.image_dir, split=args.split, overwrite=args.force,
+    idx = build_index(model, ds, args.out, images=args.image_dir, split=args.split, overwrite=args.force,
                       progress=progress_bar(args), batch_size=args.batch_size, skip_missing=args.skip_missing)
     m = idx.meta
     emit(args, {"out": str(args.out), **m},

@@ -201,9 +201,11 @@ def _run_scene(args) -> int:
 
 
 def _run_anno(args) -> int:
-    from ..localize import evaluate_anno, load_anno
+    from ..utils.atomic import check_output_dir, claim_output_dir
 
-    from ..utils.atomic import claim_output_dir
+    if args.out_dir:  # before the engine imports (seconds); claimed below once the anno file is good
+        check_output_dir(args.out_dir, args.force, [args.anno, args.scenes], label="--out-dir", flag="--force")
+    from ..localize import evaluate_anno, load_anno
 
     load_anno(args.anno)  # a bad file fails before the model loads
     if args.out_dir:  # a user's folder is refused before any work; ours is marked by a manifest

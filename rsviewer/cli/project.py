@@ -21,10 +21,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    check_out_file(args, args.out, [args.index])  # before the index loads and the map is computed
     from ..project import project_index, write_csv
     from ..retrieval.index import load_index
 
-    check_out_file(args, args.out, [args.index])
     index = load_index(args.index)
     proj = project_index(index, args.method, max_points=args.max_points or None, seed=args.seed,
                          captions=not args.no_captions, progress=progress_bar(args), cache=not args.no_cache)

@@ -55,12 +55,15 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def run(args) -> int:
+    # before feature caching and training (minutes): --resume continues in a folder rsviewer wrote
+    check_out_dir(args, args.out, [args.data, args.images], force=args.force or args.resume)
+    from ..data import load_dataset
+
+    load_dataset(args.data, images=args.images)  # a bad dataset fails in a second, not after the imports
     from ..archs.registry import arch_class
     from ..train.trainer import TrainConfig, train
 
     cls = arch_class(args.arch)
-    # before feature caching and training (minutes): --resume continues in a folder rsviewer wrote
-    check_out_dir(args, args.out, [args.data, args.images], force=args.force or args.resume)
     defaults = dict(getattr(cls, "train_defaults", {}))
     for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed", "ema", "eval_every"):
         v = getattr(args, key)
