@@ -1,7 +1,7 @@
 """rsviewer index --model M --data JSON|--images DIR --out INDEX"""
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, load, progress_bar
+from .common import add_json_arg, add_model_arg, add_runtime_arg, emit, load, progress_bar
 
 
 def register(sub) -> None:
@@ -15,6 +15,7 @@ def register(sub) -> None:
     p.add_argument("--skip-missing", action="store_true", help="leave out listed images that do not exist")
     p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     p.add_argument("--batch-size", type=int, default=32)
+    add_runtime_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -25,7 +26,8 @@ def run(args) -> int:
     model = load(args)
     source = args.data or args.images
     idx = build_index(model, source, args.out, images=args.image_dir, split=args.split,
-                      progress=progress_bar(args), batch_size=args.batch_size, skip_missing=args.skip_missing)
+                      progress=progress_bar(args), batch_size=args.batch_size, skip_missing=args.skip_missing,
+                      runtime=args.runtime)
     m = idx.meta
     emit(args, {"out": str(args.out), **m},
          f"indexed {m['n_images']} images and {m['n_captions']} captions with {m['model']} → {args.out} "
