@@ -44,7 +44,7 @@ log = logging.getLogger("rsviewer.search")
 
 CHUNK = 1 << 18  # rows per matmul chunk (256k × D floats)
 COMPRESSED_MIN_ROWS = 100_000  # below this the float32 scan is a few ms: exact and simplest
-RESCORE = 256  # candidates of the compressed scan re-scored in float32 (at least 20 × k)
+RESCORE = 256  # candidates of the compressed scan re-scored in float32 (at least 4 × k)
 SCAN_THREADS = 1  # faiss threads for one query (bench/query.py: 1 beats 2 with the other core busy)
 SCANS = ("auto", "exact", "compressed")
 
@@ -147,15 +147,15 @@ class CompressedScan:
         return int(self.fi.ntotal) * int(self.fi.sa_code_size())
 
     def topk(self, q: np.ndarray, k: int, rescore: int = RESCORE, threads: int = SCAN_THREADS):
-        """Top-``k`` rows of ``emb @ q``: faiss scan of the codes for ``max(rescore, 20k)``
-        candidates, then their exact float32 scores."""
+        """Top-``k`` rows of ``emb @ q``: faiss scan of the codes for ``max(rescore, 4k)``
+        candidates, then their exact float32 scores (ties: the lower row first)."""
         import faiss
 
         n = self.emb.shape[0]
         k = max(0, min(k, n))
         if k == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        c = min(n, max(rescore, 20 * k))
+        c = min(n, max(rescore, 4 * k))
         q = np.ascontiguousarray(np.asarray(q, np.float32).reshape(1, -1))
         prev = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(threads)
