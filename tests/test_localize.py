@@ -414,7 +414,8 @@ def test_cancel_leaves_no_files_then_cache_works(tmp_path, monkeypatch, mode):
     with pytest.raises(Cancelled):
         localize(m, tmp_path / "s.png", "q", progress=c.progress, cancel=c, **kw)
     files = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
-    assert files == []
+    # the ONNX towers exported on the way (rsviewer.runtime) are complete cache entries; nothing else
+    assert [p for p in files if "onnx" not in p.relative_to(cache).parts or p.name.endswith(".tmp")] == []
     first = localize(m, tmp_path / "s.png", "q", **kw)
     assert not first.cached and len(list((cache / "localize").glob("*.npz"))) == 1
     second = localize(m, tmp_path / "s.png", "another query", **kw)

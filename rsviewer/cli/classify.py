@@ -1,7 +1,7 @@
 """rsviewer classify --model M --images DIR [--json] — zero-shot, sub-folder names are the classes"""
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, load, progress_bar
+from .common import add_json_arg, add_model_arg, add_runtime_arg, emit, load, progress_bar
 
 
 def register(sub) -> None:
@@ -9,6 +9,7 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--images", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--predictions", action="store_true", help="with --json: include per-image predictions")
+    add_runtime_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -20,7 +21,7 @@ def run(args) -> int:
     from ..retrieval.classify import classify
 
     model = load(args)
-    res = classify(model, ds, progress=progress_bar(args))
+    res = classify(model, ds, progress=progress_bar(args), runtime=args.runtime)
     out = {k: res[k] for k in ("accuracy", "n", "per_class")}
     if args.predictions:
         out["predictions"] = res["predictions"]

@@ -20,6 +20,12 @@ def add_model_arg(p, required: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
 
 
+def add_runtime_arg(p) -> None:
+    """``--runtime`` for commands that encode with the frozen towers (rsviewer.runtime)."""
+    p.add_argument("--runtime", choices=["auto", "onnx", "torch"], default="auto",
+                   help="frozen encoders: auto = ONNX Runtime on the CPU when installed, else torch (default: auto)")
+
+
 def add_json_arg(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")

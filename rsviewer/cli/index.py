@@ -2,7 +2,8 @@
 rsviewer index --model M --scenes FILE_OR_DIR [--scenes …] --tile 256 --overlap 0.5 [--level N] --out INDEX"""
 from __future__ import annotations
 
-from .common import add_force_arg, add_json_arg, add_model_arg, check_out_dir, emit, load, positive_int, progress_bar
+from .common import (add_force_arg, add_json_arg, add_model_arg, add_runtime_arg, check_out_dir, emit, load,
+                     positive_int, progress_bar)
 
 
 def register(sub) -> None:
@@ -23,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="index folder to write: new, empty, or (with --force) an index")
     add_force_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=32)
+    add_runtime_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -41,7 +43,8 @@ def run(args) -> int:
 
     model = load(args)
     idx = build_index(model, ds, args.out, images=args.image_dir, split=args.split, overwrite=args.force,
-                      progress=progress_bar(args), batch_size=args.batch_size, skip_missing=args.skip_missing)
+                      progress=progress_bar(args), batch_size=args.batch_size, skip_missing=args.skip_missing,
+                      runtime=args.runtime)
     m = idx.meta
     emit(args, {"out": str(args.out), **m},
          f"indexed {m['n_images']} images and {m['n_captions']} captions with {m['model']} → {args.out} "

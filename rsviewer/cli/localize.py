@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_force_arg, add_json_arg, add_model_arg, check_out_file, emit, input_size, load, positive_int, progress_bar
+from .common import (add_force_arg, add_json_arg, add_model_arg, add_runtime_arg, check_out_file, emit, input_size,
+                     load, positive_int, progress_bar)
 
 
 def _sizes(text: str) -> list[int]:
@@ -68,12 +69,13 @@ def register(sub) -> None:
                    help="smoothing (default: median 251 px; gaussian 255 px with --two-stage)")
     p.add_argument("--max-side", type=positive_int, default=2048, help="long side of the overlay PNG (default 2048)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the window-embedding cache")
+    add_runtime_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
 def _opts(args) -> dict:
-    o: dict = {"precision": args.precision}
+    o: dict = {"precision": args.precision, "runtime": args.runtime}
     if args.mode:
         o["mode"] = args.mode
     if args.input_size:

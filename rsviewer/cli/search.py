@@ -1,7 +1,7 @@
 """rsviewer search --index DIR --text "…" | --image PATH  [-k 10] [--json]"""
 from __future__ import annotations
 
-from .common import add_json_arg, check_out_file, emit, positive_int
+from .common import add_json_arg, add_runtime_arg, check_out_file, emit, positive_int
 
 
 def register(sub) -> None:
@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--geojson", default=None, help="tile index: also write the hits' footprints as GeoJSON")
     p.add_argument("--geojson-crs", default="wgs84", choices=["wgs84", "scene"],
                    help="GeoJSON coordinates: wgs84 lon/lat (RFC 7946, default) or the scenes' CRS")
+    p.add_argument("--scan", default="auto", choices=["auto", "exact", "compressed"],
+                   help="auto: 8-bit compressed scan + exact re-score from 100k images when faiss is installed")
+    add_runtime_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -37,9 +40,11 @@ def run(args) -> int:
     index = load_index(args.index)
     model = load_model(args.model or index_model_dir(index.meta), device=pick_device(args.device))
     if args.text is not None:
-        res = search_text(model, index, args.text, args.k, rerank=args.rerank, labels=args.label)
+        res = search_text(model, index, args.text, args.k, rerank=args.rerank, labels=args.label,
+                          runtime=args.runtime, scan=args.scan)
     else:
-        res = search_image(model, index, args.image, args.k, target=args.target, labels=args.label, rerank=args.rerank)
+        res = search_image(model, index, args.image, args.k, target=args.target, labels=args.label, rerank=args.rerank,
+                           runtime=args.runtime, scan=args.scan)
     lines = [f"{res.mode}: {res.query!r} over {res.n_gallery} images ({sum(res.seconds.values()):.1f} ms)"]
     for h in res.hits:
         extra = h.text if h.text else (h.captions[0] if h.captions else "")

@@ -21,7 +21,12 @@ Tiles are ``tile`` × ``tile`` stride-32 cells (1024 px at model scale) plus a `
 of cells of context on each side, so memory does not grow with the scene: only a band
 of feature-map rows tall enough for one window is kept.
 
-Speed on CPU: bf16 with channels-last inputs (oneDNN) when the CPU has AVX512-BF16/AMX
+Runtime (``runtime="auto"``, :mod:`rsviewer.runtime`): with ONNX Runtime installed the
+backbone's feature maps (shared-map mode, tiles whose sides are multiples of 32 px;
+others in PyTorch) and the image states (crops) run as exported ONNX graphs, in fp32;
+pooling and heads stay in PyTorch. ``runtime="torch"`` is the path described next.
+
+Speed on CPU (``runtime="torch"``): bf16 with channels-last inputs (oneDNN) when the CPU has AVX512-BF16/AMX
 (``precision="auto"``), fp32 otherwise; for an EfficientNet-Lite backbone an inference
 copy with BatchNorm folded and the padding done inside the convolutions
 (:mod:`.fused`) replaces ``model.feature_maps`` (same function); CUDA uses the
@@ -194,11 +199,22 @@ def fast_support(model, input_size: int, probe: bool = True) -> tuple[bool, str,
     return res
 
 
-def _features_fn(model, precision: str):
-    """``pixels -> feature maps`` for the shared-map and crop paths: the fused
-    inference copy of an EfficientNet-Lite backbone on CPU (see :mod:`.fused`), else
-    ``model.feature_maps`` under the precision's autocast. Returns (fn, fused module)."""
+def _features_fn(model, precision: str, tw=None):
+    """``pixels -> feature maps`` for the shared-map and crop paths: the ONNX graph when
+    ``tw`` (the model's :class:`~rsviewer.runtime.Towers`) has one (fp32; the PyTorch path
+    below for tile sizes the graph does not take), else the fused inference copy of an
+    EfficientNet-Lite backbone on CPU (see :mod:`.fused`), else ``model.feature_maps``
+    under the precision's autocast. Returns (fn, fused module)."""
     dev = model.device
+    if tw is not None and tw.maps_available():
+        torch_fn, fused = _features_fn(model, "fp32")
+
+        def fn(x):
+            if x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0:
+                return tw.feature_maps(x)
+            return torch_fn(x.float())
+
+        return fn, fused
     if dev.type == "cpu":
         from .fused import fused_backbone
 
@@ -223,7 +239,7 @@ def _stride(name: str) -> int:
 def _encode_crops(model, scene: Scene, boxes: np.ndarray, input_size: int, precision: str,
                   batch_size: int, tick: Callable[[int], None], cancel,
                   score_fn: Optional[Callable] = None, features=None, feats_key: Optional[str] = None,
-                  bf16_input: bool = False):
+                  bf16_input: bool = False, tw=None):
     n = len(boxes)
     embs: list[np.ndarray] = []
     scores: list[np.ndarray] = []
@@ -239,6 +255,8 @@ def _encode_crops(model, scene: Scene, boxes: np.ndarray, input_size: int, preci
             with torch.inference_mode():
                 maps = {k: v.float() for k, v in features(x).items()}
                 states = {"emb": model.image_head({feats_key: model.pool(maps)})}
+        elif tw is not None:  # ONNX image tower (falls back to torch by itself)
+            states = tw.image_states(x)
         else:
             with torch.inference_mode(), _autocast(precision, model.device):
                 states = model.image_states(x)
@@ -360,18 +378,25 @@ def _encode_fast_scale(model, scene: Scene, boxes: np.ndarray, input_size: int, 
 def encode_windows(model, scene: Scene, boxes: np.ndarray, *, mode: str = "fast", input_size: Optional[int] = None,
                    precision: str = "auto", batch_size: Optional[int] = None, tile: int = 32, halo: int = 1,
                    progress=None, cancel=None, message: str = "encoding windows",
-                   score_fn: Optional[Callable] = None) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
+                   score_fn: Optional[Callable] = None,
+                   runtime: str = "auto") -> tuple[np.ndarray, Optional[np.ndarray], dict]:
     """Unit embeddings (N, D) of the windows ``boxes`` (N, 3) ``(x, y, side)``.
 
     ``mode``: ``"fast"`` (shared feature maps; falls back to crops when the model cannot)
     or ``"crops"``. ``score_fn(states) -> (B,)`` (crops only): also score each batch of
-    image states directly (pairwise architectures). Returns (emb, scores or None, info).
+    image states directly (pairwise architectures). ``runtime``: ``auto`` | ``onnx`` |
+    ``torch`` (module docstring). Returns (emb, scores or None, info).
     """
+    from ..runtime import resolve_runtime, towers
+
     dev = model.device
     S = int(input_size or model.image_size)
     prec = resolve_precision(precision, dev)
+    tw = towers(model, runtime) if resolve_runtime(runtime, model) == "onnx" else None
+    if tw is not None:
+        prec = "fp32"  # the ONNX graphs are fp32; so is the PyTorch path for the tiles they skip
     bs = int(batch_size or (64 if dev.type == "cuda" else 16))
-    info: dict = {"mode": mode, "input_size": S, "precision": prec}
+    info: dict = {"mode": mode, "input_size": S, "precision": prec, "runtime": "onnx" if tw is not None else "torch"}
     if mode not in ("fast", "crops"):
         raise ValueError(f"unknown mode {mode!r}; use fast or crops")
     use_fast = False
@@ -412,9 +437,11 @@ def encode_windows(model, scene: Scene, boxes: np.ndarray, *, mode: str = "fast"
     # forward passes too: under the cancel hooks, so a cancel during it stops at once
     with cancel_hooks(model, cancel):
         if use_fast or (mode == "crops" and score_fn is None and fast_support(model, S)[0]):
-            features, fused = _features_fn(model, prec)
+            features, fused = _features_fn(model, prec, tw)
             key_or_reason, names = fast_support(model, S)[1:]
             info["fused"] = fused is not None
+            if tw is not None:
+                info["maps"] = tw.info().get("maps", "torch")
     check(cancel)
     with cancel_hooks(model, cancel, fused):
         if use_fast:
@@ -422,12 +449,12 @@ def encode_windows(model, scene: Scene, boxes: np.ndarray, *, mode: str = "fast"
             for s in sides:
                 sel = np.flatnonzero(boxes[:, 2] == s)
                 e = _encode_fast_scale(model, scene, boxes[sel], S, prec, key_or_reason, names, tile, halo,
-                                       tick, tile_tick, cancel, features, fused is not None)
+                                       tick, tile_tick, cancel, features, fused is not None and tw is None)
                 if emb is None:
                     emb = np.zeros((n, e.shape[1]), np.float32)
                 emb[sel] = e
             return emb if emb is not None else np.zeros((0, model.embed_dim), np.float32), None, info
         emb, scores = _encode_crops(model, scene, boxes, S, prec, bs, tick, cancel, score_fn,
                                     features, key_or_reason if features is not None else None,
-                                    fused is not None)
+                                    fused is not None and tw is None, tw)
         return emb, scores, info

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from ..errors import ImageError, QueryError, RsviewerError
 from ..utils.progress import check, report
 from . import cache as wcache
+from ..runtime import resolve_runtime
 from .encode import encode_windows, fast_support, model_fingerprint, resolve_precision
 from .grid import accumulate, default_cell, grid_shape, normalize, sliding_windows, smooth
 from .metrics import load_anno, selo_metrics
@@ -224,14 +225,15 @@ def _keep_valid(scene: Scene, boxes: np.ndarray, min_valid: float) -> tuple[np.n
 
 
 def _embed(model, scene: Scene, boxes: np.ndarray, *, mode: str, input_size: int, precision: str,
-           tile: int, halo: int, batch_size, use_cache: bool, progress, cancel, message: str):
+           tile: int, halo: int, batch_size, use_cache: bool, progress, cancel, message: str, runtime: str = "auto"):
     """(emb, cached, info) for ``boxes`` (whole-list cache entry)."""
     prec = resolve_precision(precision, model.device)
     eff_mode = mode
     if mode == "fast":
         ok, reason, _ = fast_support(model, input_size, probe=False)  # no forward pass on a cache hit
         eff_mode = "fast" if ok else "crops"
-    cfg = {"mode": eff_mode, "input": input_size, "precision": prec, "pre": _pre(model), "px": _px(scene)}
+    cfg = {"mode": eff_mode, "input": input_size, "precision": prec, "pre": _pre(model), "px": _px(scene),
+           "runtime": resolve_runtime(runtime, model)}
     if eff_mode == "fast":
         cfg.update(tile=tile, halo=halo)
     key = wcache.cache_key(scene.file_key, model_fingerprint(model), cfg, boxes)
@@ -242,10 +244,11 @@ def _embed(model, scene: Scene, boxes: np.ndarray, *, mode: str, input_size: int
             return hit[1], True, {"mode": eff_mode, "input_size": input_size, "precision": prec, "cache": "hit"}
     emb, _, info = encode_windows(model, scene, boxes, mode=eff_mode, input_size=input_size, precision=prec,
                                   batch_size=batch_size, tile=tile, halo=halo, progress=progress,
-                                  cancel=cancel, message=message)
+                                  cancel=cancel, message=message, runtime=runtime)
     check(cancel)
     if info["mode"] != eff_mode:  # the numerical check refused the fast mode: store as crops
-        cfg = {"mode": info["mode"], "input": input_size, "precision": prec, "pre": _pre(model), "px": _px(scene)}
+        cfg = {"mode": info["mode"], "input": input_size, "precision": prec, "pre": _pre(model), "px": _px(scene),
+               "runtime": resolve_runtime(runtime, model)}
         key = wcache.cache_key(scene.file_key, model_fingerprint(model), cfg, boxes)
     if use_cache:
         try:
@@ -257,11 +260,11 @@ def _embed(model, scene: Scene, boxes: np.ndarray, *, mode: str, input_size: int
 
 
 def _embed_pool(model, scene: Scene, boxes: np.ndarray, *, input_size: int, precision: str, batch_size,
-                use_cache: bool, progress, cancel, message: str):
+                use_cache: bool, progress, cancel, message: str, runtime: str = "auto"):
     """Stage-2 boxes (query dependent): one growing per-scene pool of crop embeddings."""
     prec = resolve_precision(precision, model.device)
     cfg = {"mode": "crops", "input": input_size, "precision": prec, "pool": True, "pre": _pre(model),
-           "px": _px(scene)}
+           "px": _px(scene), "runtime": resolve_runtime(runtime, model)}
     key = wcache.cache_key(scene.file_key, model_fingerprint(model), cfg)
     have_b = np.zeros((0, 3), np.int64)
     have_e = None
@@ -274,7 +277,8 @@ def _embed_pool(model, scene: Scene, boxes: np.ndarray, *, input_size: int, prec
     new_e = None
     if len(missing):
         new_e, _, _ = encode_windows(model, scene, missing, mode="crops", input_size=input_size, precision=prec,
-                                     batch_size=batch_size, progress=progress, cancel=cancel, message=message)
+                                     batch_size=batch_size, progress=progress, cancel=cancel, message=message,
+                                     runtime=runtime)
         check(cancel)
         all_b = np.concatenate([have_b, missing])
         all_e = new_e if have_e is None else np.concatenate([have_e, new_e])
@@ -325,6 +329,7 @@ def localize(model, scene: str | Path | Scene, text: str | list[str], window_siz
     t0 = time.perf_counter()
     mode = opts.pop("mode", DEFAULT_MODE)
     precision = opts.pop("precision", "auto")
+    runtime = opts.pop("runtime", "auto")  # frozen towers: auto | onnx | torch (rsviewer.runtime)
     cell = opts.pop("cell", None)
     filt = opts.pop("filter", None)
     filter_px = opts.pop("filter_px", None)
@@ -365,7 +370,7 @@ def localize(model, scene: str | Path | Scene, text: str | list[str], window_siz
         check(cancel)
         full_score = bool(getattr(model, "pairwise", False)) and pairwise == "score"
         info: dict = {"window_sizes": sizes, "two_stage": two_stage, "cell": c, "texts": len(texts)}
-        common = dict(input_size=input_size, precision=precision, batch_size=batch_size)
+        common = dict(input_size=input_size, precision=precision, batch_size=batch_size, runtime=runtime)
 
         def score_windows(boxes: np.ndarray, message: str, pool: bool = False):
             if full_score:

@@ -17,6 +17,8 @@ import torch
 from ..archs.base import RetrievalModel
 from ..data import Dataset, load_dataset
 from ..errors import DatasetError
+from ..runtime import towers
+from ..runtime.towers import default_threads
 from ..utils.progress import CancelToken, ProgressFn
 from .evaluate import encode_images
 
@@ -66,11 +68,12 @@ def class_prompts(model: RetrievalModel, names: list[str]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def class_embeddings(model: RetrievalModel, names: list[str], templates=TEMPLATES) -> torch.Tensor:
+def class_embeddings(model: RetrievalModel, names: list[str], templates=TEMPLATES, runtime: str = "auto") -> torch.Tensor:
     words = class_prompts(model, names)
+    tw = towers(model, runtime)
     embs = []
     for n in names:
-        e = model.text_states([t.format(words[n]) for t in templates])["emb"].float()
+        e = tw.text_states([t.format(words[n]) for t in templates], threads=default_threads())["emb"].float()
         embs.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
     return torch.stack(embs).cpu()
 
@@ -81,8 +84,10 @@ def classify(
     classes: Optional[list[str]] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
+    runtime: str = "auto",
 ) -> dict:
-    """``{"accuracy", "n", "per_class": {name: accuracy}, "classes", "prompts", "predictions"}``."""
+    """``{"accuracy", "n", "per_class": {name: accuracy}, "classes", "prompts", "predictions"}``.
+    ``runtime``: ``auto`` | ``onnx`` | ``torch`` for the frozen towers."""
     ds = images if isinstance(images, Dataset) else load_dataset(images)
     labels = [it.label for it in ds.items]
     names = classes or sorted({l for l in labels if l})
@@ -91,8 +96,9 @@ def classify(
     if len(names) < 2:
         raise DatasetError(f"{ds.name}: zero-shot classification needs at least 2 classes, found {names}")
     ds.check_images()
-    img = encode_images(model, [it.image for it in ds.items], progress=progress, cancel=cancel, message="classifying")["emb"]
-    cls = class_embeddings(model, names)
+    img = encode_images(model, [it.image for it in ds.items], progress=progress, cancel=cancel, message="classifying",
+                        runtime=runtime)["emb"]
+    cls = class_embeddings(model, names, runtime=runtime)
     scores = img @ cls.T
     pred = scores.argmax(1).numpy()
     y = np.array([names.index(l) if l in names else -1 for l in labels])

@@ -14,6 +14,8 @@ import torch
 
 from ..archs.base import RetrievalModel
 from ..data import Dataset, load_dataset, load_image
+from ..runtime import towers
+from ..runtime.towers import default_threads
 from ..utils.device import autocast
 from ..utils.progress import CancelToken, ProgressFn, check, report
 from .metrics import retrieval_metrics
@@ -32,15 +34,21 @@ def encode_images(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
     message: str = "encoding images",
+    runtime: str = "torch",
 ) -> dict[str, torch.Tensor]:
-    """Image states for every path (CPU tensors)."""
+    """Image states for every path (CPU tensors). ``runtime``: ``torch`` (evaluation's
+    reference path), ``onnx`` or ``auto`` (:mod:`rsviewer.runtime`; index building uses it)."""
     device = model.device
+    tw = None if runtime == "torch" else towers(model, runtime)
     parts = []
     for s in range(0, len(paths), batch_size):
         check(cancel)
-        pixels = model.preprocess([load_image(p) for p in paths[s : s + batch_size]]).to(device)
-        with autocast(device):
-            st = model.image_states(pixels)
+        pixels = model.preprocess([load_image(p) for p in paths[s : s + batch_size]])
+        if tw is not None:
+            st = tw.image_states(pixels)
+        else:
+            with autocast(device):
+                st = model.image_states(pixels.to(device))
         parts.append({k: v.float().cpu() for k, v in st.items()})
         report(progress, min(s + batch_size, len(paths)), len(paths), message)
     return _cat(parts)
@@ -53,13 +61,20 @@ def encode_texts(
     batch_size: int = 256,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
+    runtime: str = "torch",
 ) -> dict[str, torch.Tensor]:
+    """Text states of every caption (CPU tensors); ``runtime`` as in :func:`encode_images`."""
     device = model.device
+    tw = None if runtime == "torch" else towers(model, runtime)
     parts = []
     for s in range(0, len(texts), batch_size):
         check(cancel)
-        with autocast(device):
-            st = model.text_states([t if t.strip() else "." for t in texts[s : s + batch_size]])
+        chunk = [t if t.strip() else "." for t in texts[s : s + batch_size]]
+        if tw is not None:
+            st = tw.text_states(chunk, threads=default_threads())  # batch work: all cores
+        else:
+            with autocast(device):
+                st = model.text_states(chunk)
         parts.append({k: v.float().cpu() for k, v in st.items()})
         report(progress, min(s + batch_size, len(texts)), len(texts), "encoding captions")
     return _cat(parts)

@@ -7,6 +7,10 @@
       caption_emb.npy       (M, D) float32 — the gallery's captions (image→text search, maps)
       caption_image.npy     (M,) int64 — caption → image row
       image_state_<k>.npy   extra per-image states of pairwise models (stage-2 rescoring)
+      image_sq8.faiss       (when faiss is installed) the same embeddings as 8-bit codes with a
+                            per-dimension range, for the compressed scan (retrieval/search.py);
+                            optional: an index without it (older ones, assets/gallery/index)
+                            loads as before and large ones get the codes built in memory
 
 Written in a temporary folder and swapped in (``atomic_dir``): a cancel or a full disk
 leaves the previous index intact. ``load_index(folder, model)`` refuses an index built
@@ -32,6 +36,7 @@ from ..utils.progress import CancelToken, ProgressFn
 from .evaluate import encode_images, encode_texts
 
 INDEX_FORMAT = "rsviewer-index/1"
+SQ_FILE = "image_sq8.faiss"  # compressed-scan codes (optional; see retrieval/search.py)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class GalleryIndex:
     caption_emb: np.ndarray  # (M, D)
     caption_image: np.ndarray  # (M,)
     image_states: dict[str, np.ndarray] = field(default_factory=dict)
+    _compressed: Optional[object] = field(default=None, repr=False, compare=False)  # search.CompressedScan
 
     def __len__(self) -> int:
         return len(self.items)
@@ -122,11 +128,13 @@ def build_index(
     batch_size: int = 32,
     skip_missing: bool = False,
     overwrite: bool = False,
+    runtime: str = "auto",
 ) -> GalleryIndex:
     """Encode a gallery (dataset file or image folder); write it to ``out`` if given.
 
     ``out`` is checked before any encoding: it must be absent or empty, or (with
-    ``overwrite``) an index rsviewer wrote, and must not be or contain the gallery."""
+    ``overwrite``) an index rsviewer wrote, and must not be or contain the gallery.
+    ``runtime``: ``auto`` | ``onnx`` | ``torch`` for the frozen towers (:mod:`rsviewer.runtime`)."""
     if batch_size < 1:
         raise RsviewerError(f"batch size must be at least 1, got {batch_size}")
     ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
@@ -143,10 +151,11 @@ def build_index(
         raise RsviewerError(f"{ds.name} has no images to index")
     t0 = time.time()
     model.eval()
-    img = encode_images(model, [it.image for it in ds.items], batch_size, progress, cancel, "indexing images")
+    img = encode_images(model, [it.image for it in ds.items], batch_size, progress, cancel, "indexing images",
+                        runtime=runtime)
     captions, cap_image = ds.flat_captions()
     if captions:
-        txt = encode_texts(model, captions, progress=progress, cancel=cancel)["emb"].numpy()
+        txt = encode_texts(model, captions, progress=progress, cancel=cancel, runtime=runtime)["emb"].numpy()
     else:
         txt = np.zeros((0, model.embed_dim), np.float32)
     emb = img.pop("emb").numpy().astype(np.float32)
@@ -182,10 +191,25 @@ def save_index(index: GalleryIndex, out: str | os.PathLike, overwrite: bool = Fa
         np.save(tmp / "caption_image.npy", np.asarray(index.caption_image, np.int64))
         for k, v in index.image_states.items():
             np.save(tmp / f"image_state_{k}.npy", np.ascontiguousarray(v))
+        _write_codes(index, tmp)
         write_json(tmp / "items.json", [_portable(it, out) for it in index.items])
         write_json(tmp / "index.json", index.meta)
     index.folder = out
+    if index._compressed is not None:
+        index._compressed.emb = index.image_emb
     return out
+
+
+def _write_codes(index: GalleryIndex, folder: Path) -> None:
+    """The compressed-scan codes next to the float32 rows (faiss installed only)."""
+    from .search import CompressedScan, faiss_available
+
+    if not faiss_available() or len(index.items) == 0:
+        return
+    cs = index._compressed if index._compressed is not None else CompressedScan.build(index.image_emb)
+    cs.write(folder / SQ_FILE)
+    index._compressed = cs
+    index.meta["compressed"] = {"file": SQ_FILE, "codes": "faiss QT_8bit, inner product", "bytes": cs.nbytes}
 
 
 def _portable(item: dict, out: Path) -> dict:

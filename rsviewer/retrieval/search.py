@@ -1,9 +1,16 @@
 """Query a gallery index: text → images, image → images, image → captions.
 
-Exact top-K: one matrix–vector product over the (memory-mapped) embeddings, chunked so
-the temporary score vector stays small, and ``argpartition``. On this project's 2-core
-CPU a 1M × 256 gallery answers in well under 100 ms (``bench/query.py``); galleries of
-many millions can use the optional faiss extra (``build_faiss``).
+Exact top-K: one matrix–vector product over the (memory-mapped) float32 embeddings,
+chunked so the temporary score vector stays small, and ``argpartition``.
+
+**Compressed scan** (large galleries, faiss installed: ``pip install rsviewer[faiss]``):
+the embeddings are also kept as 8-bit codes with a per-dimension range (faiss
+``IndexScalarQuantizer``, ``QT_8bit``, inner product; ``image_sq8.faiss`` in the index,
+or built in memory for an index without it), scanned with faiss's SIMD kernels, and the
+top ``rescore`` candidates re-scored exactly against the float32 rows. A 1M × 256
+query reads 256 MB of codes + the candidates' rows instead of 1 GB. ``scan="auto"``
+uses it from ``COMPRESSED_MIN_ROWS`` images on, ``"exact"`` never, ``"compressed"``
+always (docs/runtime.md has the measured agreement with float32).
 
 Pairwise models (MSSA) search in two stages: candidates from the image-independent
 embeddings, then full pairwise scoring of the top ``candidates`` images.
@@ -15,6 +22,7 @@ term sums over the candidate images rather than the whole gallery.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +36,17 @@ from ..archs.base import RetrievalModel
 from ..data import load_image
 from ..errors import QueryError
 from ..utils.device import autocast
-from .index import GalleryIndex, check_model, state_tensors
+from .index import SQ_FILE, GalleryIndex, check_model, state_tensors
+from ..runtime import towers
 from .rerank import rerank as apply_rerank
 
+log = logging.getLogger("rsviewer.search")
+
 CHUNK = 1 << 18  # rows per matmul chunk (256k × D floats)
+COMPRESSED_MIN_ROWS = 100_000  # below this the float32 scan is a few ms: exact and simplest
+RESCORE = 256  # candidates of the compressed scan re-scored in float32 (at least 4 × k)
+SCAN_THREADS = 1  # faiss threads for one query (bench/query.py: 1 beats 2 with the other core busy)
+SCANS = ("auto", "exact", "compressed")
 
 
 @dataclass
@@ -86,6 +101,106 @@ def topk(emb: np.ndarray, q: np.ndarray, k: int, allowed: Optional[np.ndarray] =
     return idx[keep], sco[keep].astype(np.float32)
 
 
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class CompressedScan:
+    """8-bit scalar-quantized copy of an (N, D) float32 matrix, scanned by faiss, with an
+    exact float32 re-score of the candidates (see the module docstring)."""
+
+    def __init__(self, fi, emb: np.ndarray):
+        self.fi, self.emb = fi, emb
+
+    @classmethod
+    def build(cls, emb: np.ndarray, train_rows: int = 200_000, chunk: int = 1 << 17) -> "CompressedScan":
+        import faiss
+
+        n, d = emb.shape
+        fi = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        step = max(1, n // train_rows)  # per-dimension ranges from an even sample (memmap-friendly)
+        fi.train(np.ascontiguousarray(emb[::step], dtype=np.float32))
+        for s in range(0, n, chunk):
+            fi.add(np.ascontiguousarray(emb[s : s + chunk], dtype=np.float32))
+        return cls(fi, emb)
+
+    @classmethod
+    def load(cls, path, emb: np.ndarray) -> "CompressedScan":
+        import faiss
+
+        fi = faiss.read_index(str(path))
+        if fi.ntotal != emb.shape[0] or fi.d != emb.shape[1]:
+            raise ValueError(f"{path.name} holds {fi.ntotal}×{fi.d} codes for {emb.shape[0]}×{emb.shape[1]} embeddings")
+        return cls(fi, emb)
+
+    def write(self, path) -> None:
+        import faiss
+
+        faiss.write_index(self.fi, str(path))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.fi.ntotal) * int(self.fi.sa_code_size())
+
+    def topk(self, q: np.ndarray, k: int, rescore: int = RESCORE, threads: int = SCAN_THREADS):
+        """Top-``k`` rows of ``emb @ q``: faiss scan of the codes for ``max(rescore, 4k)``
+        candidates, then their exact float32 scores (ties: the lower row first)."""
+        import faiss
+
+        n = self.emb.shape[0]
+        k = max(0, min(k, n))
+        if k == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        c = min(n, max(rescore, 4 * k))
+        q = np.ascontiguousarray(np.asarray(q, np.float32).reshape(1, -1))
+        prev = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(threads)
+        try:
+            _, cand = self.fi.search(q, c)
+        finally:
+            faiss.omp_set_num_threads(prev)
+        cand = np.sort(cand[0][cand[0] >= 0])  # sorted rows: a forward pass over the memmap
+        exact = np.asarray(self.emb[cand], np.float32) @ q[0]
+        order = np.argsort(-exact, kind="stable")[:k]
+        return cand[order].astype(np.int64), exact[order].astype(np.float32)
+
+
+def compressed_scan(index: GalleryIndex, build: bool = True) -> Optional[CompressedScan]:
+    """The index's compressed scan: its ``image_sq8.faiss`` when present and valid, else one
+    built in memory (``build``), memoised on the index; None without faiss."""
+    cs = getattr(index, "_compressed", None)
+    if cs is not None or not faiss_available():
+        return cs
+    path = Path(index.folder) / SQ_FILE if index.folder is not None else None
+    if path is not None and path.exists():
+        try:
+            cs = CompressedScan.load(path, index.image_emb)
+        except (RuntimeError, ValueError) as e:  # damaged or stale codes: rebuild in memory
+            log.warning("rsviewer: %s: %s; rebuilding the compressed scan in memory", index.folder, e)
+    if cs is None and build:
+        cs = CompressedScan.build(index.image_emb)
+    index._compressed = cs
+    return cs
+
+
+def scan_images(index: GalleryIndex, q: np.ndarray, k: int, allowed: Optional[np.ndarray] = None,
+                scan: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` gallery images for the query vector ``q``: exact float32, or the compressed
+    scan (``scan``, see the module docstring). A label filter always scans exactly."""
+    if scan not in SCANS:
+        raise QueryError(f"unknown scan {scan!r}; use {', '.join(SCANS)}")
+    use = scan == "compressed" or (scan == "auto" and len(index) >= COMPRESSED_MIN_ROWS and faiss_available())
+    if use and allowed is None:
+        if not faiss_available():
+            raise QueryError("the compressed scan needs faiss: pip install faiss-cpu")
+        return compressed_scan(index).topk(q, k)
+    return topk(index.image_emb, q, k, allowed)
+
+
 def _hits(index: GalleryIndex, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
     out = []
     for r, (i, s) in enumerate(zip(rows.tolist(), scores.tolist())):
@@ -102,18 +217,24 @@ def _label_mask(index: GalleryIndex, labels: Optional[Sequence[str]]) -> Optiona
 
 
 @torch.no_grad()
-def encode_query_text(model: RetrievalModel, text: str) -> dict[str, torch.Tensor]:
+def encode_query_text(model: RetrievalModel, text: str, runtime: str = "auto") -> dict[str, torch.Tensor]:
+    """Text states of one query: through :mod:`rsviewer.runtime` (its 1-thread query session
+    under ONNX Runtime), or ``model.text_states`` with ``runtime="torch"``."""
+    if runtime != "torch":
+        return towers(model, runtime).text_states([text])
     with torch.no_grad(), autocast(model.device):
         return {k: v.float().cpu() for k, v in model.text_states([text]).items()}
 
 
 @torch.no_grad()
-def encode_query_image(model: RetrievalModel, image: str | Path | Image.Image) -> dict[str, torch.Tensor]:
+def encode_query_image(model: RetrievalModel, image: str | Path | Image.Image, runtime: str = "auto") -> dict[str, torch.Tensor]:
     if not isinstance(image, Image.Image):
         image = load_image(image)
-    pixels = model.preprocess([image]).to(model.device)
+    pixels = model.preprocess([image])
+    if runtime != "torch":
+        return towers(model, runtime).image_states(pixels)
     with torch.no_grad(), autocast(model.device):
-        return {k: v.float().cpu() for k, v in model.image_states(pixels).items()}
+        return {k: v.float().cpu() for k, v in model.image_states(pixels.to(model.device)).items()}
 
 
 def search_text(
@@ -124,15 +245,18 @@ def search_text(
     rerank: str = "none",
     labels: Optional[Sequence[str]] = None,
     candidates: int = 50,
+    runtime: str = "auto",
+    scan: str = "auto",
 ) -> SearchResult:
-    """Top-``k`` gallery images for a text query."""
+    """Top-``k`` gallery images for a text query. ``runtime``: how the query is encoded
+    (:mod:`rsviewer.runtime`); ``scan``: ``auto`` | ``exact`` | ``compressed``."""
     check_model(index, model)
     t0 = time.perf_counter()
-    q = encode_query_text(model, text)
+    q = encode_query_text(model, text, runtime)
     t1 = time.perf_counter()
     allowed = _label_mask(index, labels)
     n_first = max(k, candidates if (model.pairwise or rerank != "none") else k)
-    rows, scores = topk(index.image_emb, q["emb"].numpy()[0], n_first, allowed)
+    rows, scores = scan_images(index, q["emb"].numpy()[0], n_first, allowed, scan)
     t2 = time.perf_counter()
     seconds = {"encode": t1 - t0, "search": t2 - t1}
     if model.pairwise and len(rows):
@@ -172,16 +296,19 @@ def search_image(
     target: str = "images",
     labels: Optional[Sequence[str]] = None,
     rerank: str = "none",
+    runtime: str = "auto",
+    scan: str = "auto",
 ) -> SearchResult:
-    """Top-``k`` gallery images (``target="images"``) or captions (``"captions"``) for an image."""
+    """Top-``k`` gallery images (``target="images"``) or captions (``"captions"``) for an image.
+    ``runtime`` and ``scan`` as in :func:`search_text`."""
     check_model(index, model)
     name = image if not isinstance(image, Image.Image) else "<image>"
     t0 = time.perf_counter()
-    q = encode_query_image(model, image)
+    q = encode_query_image(model, image, runtime)
     qv = q["emb"].numpy()[0]
     t1 = time.perf_counter()
     if target == "images":
-        rows, scores = topk(index.image_emb, qv, k, _label_mask(index, labels))
+        rows, scores = scan_images(index, qv, k, _label_mask(index, labels), scan)
         hits = _hits(index, rows, scores)
         mode = "image→image"
     elif target == "captions":
@@ -215,12 +342,9 @@ def ground_truth_rows(index: GalleryIndex, text: str) -> np.ndarray:
     return np.array([i for i, it in enumerate(index.items) if any(c.strip().lower() == t for c in it.get("captions", []))], dtype=np.int64)
 
 
-def build_faiss(index: GalleryIndex):  # pragma: no cover - optional extra
-    """An exact inner-product faiss index over the image embeddings (``pip install rsviewer[faiss]``)."""
-    try:
-        import faiss
-    except ImportError:
-        raise QueryError("faiss is not installed: pip install faiss-cpu") from None
-    fi = faiss.IndexFlatIP(index.image_emb.shape[1])
-    fi.add(np.ascontiguousarray(index.image_emb, dtype=np.float32))
-    return fi
+def build_faiss(index: GalleryIndex) -> CompressedScan:
+    """The faiss index search uses for ``index`` (``pip install rsviewer[faiss]``): its
+    compressed scan (8-bit codes, inner product), loaded or built; ``.fi`` is the faiss index."""
+    if not faiss_available():
+        raise QueryError("faiss is not installed: pip install faiss-cpu")
+    return compressed_scan(index)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -181,7 +182,8 @@ def export_tower(model, tower: str, size: Optional[int] = None) -> dict:
             dyn.update({n: ({0: "batch", 2: f"{n}_h", 3: f"{n}_w"} if tower == "maps" else {0: "batch"}) for n in names})
             meta.update(inputs=input_names, outputs=names)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path) as fh:
+            with atomic_file(path) as fh, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings: the parity check below is the judge
                 torch.onnx.export(wrapper, args, fh, dynamo=False, input_names=input_names, output_names=names,
                                   dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 — any tracer/exporter failure means "runs in torch"
