@@ -12,6 +12,14 @@ process that does the work, model and decoded scene included.
     python bench/localize.py --json --device cuda        # on a GPU
     python bench/localize.py --json --mode crops --size 4096
     python bench/localize.py --json --fidelity           # fast-vs-crops embedding agreement
+    python bench/localize.py --json --geotiff --size 30000   # tiled GeoTIFF with overviews (raster layer),
+                                                              # with the 10,240 px figure in the same run
+
+``--geotiff``: the mosaic is written as a tiled (512 px), JPEG-compressed GeoTIFF in
+EPSG:32633 at 0.3 m with internal overviews, block row by block row (the builder never
+holds the whole scene either), and localized through the raster layer; the 10,240 px
+GeoTIFF is built and timed in the same run as the reference. Also records the load
+average before/after and the CPU model, because the machine may be shared.
 
 Prints one JSON object. Skips (exit 0, with a message) when the UCM images are absent.
 """
@@ -30,7 +38,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-UCM = REPO.parent / "shared" / "datasets" / "ucm-captions"
+def _shared() -> Path:
+    """$RSVIEWER_SHARED, ../shared next to the checkout, or /work/shared (as the tests do)."""
+    for cand in (os.environ.get("RSVIEWER_SHARED"), REPO.parent / "shared", "/work/shared"):
+        if cand and (Path(cand) / "datasets").is_dir():
+            return Path(cand)
+    return REPO.parent / "shared"
+
+
+UCM = _shared() / "datasets" / "ucm-captions"
 QUERIES = ("Many boats docked in lines at the harbor", "a tennis court surrounded by lawn")
 
 
@@ -50,6 +66,110 @@ def build_scene(path: Path, size: int, tile: int = 256, seed: int = 0) -> dict:
         canvas.paste(t, ((k % n) * tile, (k // n) * tile))
     canvas.save(path, quality=90)
     return {"tiles": int(n * n), "file_mb": round(path.stat().st_size / 1e6, 1)}
+
+
+def build_geotiff(path: Path, size: int, tile: int = 256, seed: int = 0, block: int = 512) -> dict:
+    """A size×size tiled GeoTIFF of UCM images (like build_scene), written strip by strip,
+    with internal overviews; EPSG:32633, 0.3 m pixels."""
+    import numpy as np
+    import rasterio
+    from PIL import Image
+    from rasterio.crs import CRS
+    from rasterio.enums import Resampling
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    files = sorted((UCM / "images").glob("*.jpg"))
+    rng = np.random.default_rng(seed)
+    n = -(-size // tile)
+    order = rng.choice(len(files), size=n * n, replace=n * n > len(files))
+    cache: dict = {}
+
+    def tile_px(idx):
+        if idx not in cache:
+            with Image.open(files[idx]) as im:
+                cache[idx] = np.asarray(im.convert("RGB").resize((tile, tile)))
+        return cache[idx]
+
+    prof = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs=CRS.from_epsg(32633),
+                transform=from_origin(500000.0, 5000000.0, 0.3, 0.3), tiled=True, blockxsize=block,
+                blockysize=block, compress="jpeg", photometric="ycbcr", jpeg_quality=90, BIGTIFF="YES")
+    t = time.perf_counter()
+    with rasterio.Env(GDAL_CACHEMAX=512), rasterio.open(path, "w", **prof) as dst:
+        rows_per = block // tile
+        for r0 in range(0, n, rows_per):
+            r1 = min(n, r0 + rows_per)
+            y0, y1 = r0 * tile, min(size, r1 * tile)
+            strip = np.zeros((y1 - y0, size, 3), np.uint8)
+            for r in range(r0, r1):
+                for c in range(n):
+                    px = tile_px(int(order[r * n + c]))
+                    ys, xs = (r - r0) * tile, c * tile
+                    hh, ww = min(tile, y1 - y0 - ys), min(tile, size - xs)
+                    strip[ys:ys + hh, xs:xs + ww] = px[:hh, :ww]
+            dst.write(strip.transpose(2, 0, 1), window=Window(0, y0, size, y1 - y0))
+        t_write = time.perf_counter() - t
+        factors = [f for f in (2, 4, 8, 16, 32, 64, 128) if size / f >= 256]
+        dst.build_overviews(factors, Resampling.average)
+    return {"tiles": int(n * n), "file_mb": round(path.stat().st_size / 1e6, 1), "write_s": round(t_write, 1),
+            "overviews": factors, "build_s": round(time.perf_counter() - t, 1)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def run_child(args, scene: str, tmp: str) -> dict:
+    env = dict(os.environ, RSVIEWER_CACHE=str(Path(tmp) / f"cache-{Path(scene).stem}"), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
+           "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
+           "--threads", str(args.threads)]
+    if args.input_size:
+        cmd += ["--input-size", str(args.input_size)]
+    if args.two_stage:
+        cmd.append("--two-stage")
+    load0 = os.getloadavg()
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = {"child_wall_s": round(time.perf_counter() - t, 1)}
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out["loadavg_before"] = [round(v, 2) for v in load0]
+    out["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    return out
+
+
+def geotiff_main(args) -> int:
+    """Both sizes in one run: the reference 10,240 px GeoTIFF, then --size."""
+    if not (UCM / "images").is_dir():
+        print(json.dumps({"skipped": f"{UCM / 'images'} not available"}))
+        return 0
+    info: dict = {"cpu": cpu_model(), "cores": os.cpu_count(), "geotiff": True, "runs": {}}
+    sizes = [10240] + ([args.size] if args.size != 10240 else [])
+    with tempfile.TemporaryDirectory(prefix="rsv-bench-geo-") as tmp:
+        for size in sizes:
+            path = Path(args.keep or tmp) / f"mosaic_{size}.tif"
+            run: dict = {}
+            if not path.exists():
+                run["build"] = build_geotiff(path, size)
+            run.update(run_child(args, str(path), tmp))
+            info["runs"][str(size)] = run
+            if not args.keep:
+                path.unlink()
+    big = info["runs"][str(sizes[-1])]
+    info["target_peak_le_2gb"] = big["peak_rss_mb"] <= 2048
+    print(json.dumps(info) if args.json else json.dumps(info, indent=2))
+    return 0
 
 
 def child(args) -> None:
@@ -74,6 +194,8 @@ def child(args) -> None:
            "model_load_s": round(t_load, 2)}
     cpu0 = time.process_time()
     with open_scene(args.scene) as sc:
+        out["scene"] = {"backend": sc.backend, "format": sc.format, "size": list(sc.size),
+                        "overviews": list(getattr(sc, "overviews", []))}
         r1 = localize(model, sc, QUERIES[0], window_sizes=sizes, two_stage=args.two_stage, **opts)
         cpu1 = time.process_time()
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -112,7 +234,7 @@ def fidelity(args) -> dict:
     from rsviewer.localize import open_scene, sliding_windows
     from rsviewer.localize.encode import encode_windows
 
-    scenes = sorted((REPO.parent / "shared" / "scenes" / "ucm-mosaics" / "images").glob("*.jpg"))
+    scenes = sorted((_shared() / "scenes" / "ucm-mosaics" / "images").glob("*.jpg"))
     if not scenes:
         return {"skipped": "ucm-mosaics not available"}
     model = load_model(args.model)
@@ -155,6 +277,8 @@ def main() -> int:
     ap.add_argument("--keep", help="build the mosaic at this path and keep it")
     ap.add_argument("--fidelity", action="store_true",
                     help="instead of timing: cosine of fast vs crop embeddings (and bf16 vs fp32) on ucm-mosaics")
+    ap.add_argument("--geotiff", action="store_true",
+                    help="a tiled GeoTIFF with overviews through the raster layer; also times 10,240 px in the same run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.fidelity:
@@ -164,6 +288,8 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
+    if args.geotiff:
+        return geotiff_main(args)
     info: dict = {"size": args.size}
     with tempfile.TemporaryDirectory(prefix="rsv-bench-loc-") as tmp:
         scene = args.scene

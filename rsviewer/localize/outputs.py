@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import RsviewerError
-from ..raster.georef import WGS84, Georef
+from ..raster.georef import WGS84, Georef, compose
 from ..raster.write import write_cog, write_geojson
 
 __all__ = ["grid_transform", "write_prob_cog", "find_regions", "write_regions"]
@@ -35,7 +35,7 @@ def grid_transform(res):
     """The transform of the coarse grid: the scene's, scaled by the cell size."""
     from affine import Affine
 
-    return _georef(res).transform * Affine.scale(res.cell)
+    return compose(_georef(res).transform, Affine.scale(res.cell))
 
 
 def _tags(res, model: Optional[str]) -> dict:

@@ -20,6 +20,14 @@ class GeorefError(RsviewerError):
     """A raster without a CRS where one is needed, or a CRS that cannot reach WGS 84."""
 
 
+def compose(a, b):
+    """``a`` then ``b`` as one affine (``@`` on affine ≥ 3, ``*`` before)."""
+    try:
+        return a @ b
+    except TypeError:
+        return a * b
+
+
 @dataclass
 class Georef:
     crs: Optional[object]  # rasterio.crs.CRS or None (pixel space)
@@ -41,12 +49,14 @@ class Georef:
         return name
 
     def pixel_to_map(self, x: float, y: float) -> tuple[float, float]:
-        mx, my = self.transform * (float(x), float(y))
-        return float(mx), float(my)
+        t = self.transform
+        x, y = float(x), float(y)
+        return float(t.a * x + t.b * y + t.c), float(t.d * x + t.e * y + t.f)
 
     def map_to_pixel(self, mx: float, my: float) -> tuple[float, float]:
-        x, y = ~self.transform * (float(mx), float(my))
-        return float(x), float(y)
+        t = ~self.transform
+        mx, my = float(mx), float(my)
+        return float(t.a * mx + t.b * my + t.c), float(t.d * mx + t.e * my + t.f)
 
     def box_bounds(self, x0: float, y0: float, x1: float, y1: float) -> list[float]:
         """Map bounds ``[minx, miny, maxx, maxy]`` of a pixel box (any rotation-free transform)."""

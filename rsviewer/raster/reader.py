@@ -374,9 +374,9 @@ class Raster:
 
     def _compute_stretch(self) -> dict:
         """Per-band 2nd–98th percentiles of the valid pixels, read from an overview (or a
-        decimated read of ≤ 1024 px on the long side)."""
+        decimated read of ≤ 512 px on the long side: ≥ 250k samples per band)."""
         W, H = self.size
-        s = max(1.0, max(W, H) / 1024)
+        s = max(1.0, max(W, H) / 512)
         out = (max(1, round(W / s)), max(1, round(H / s)))
         idx = list(self._read_indexes())
         raw = self._read_raw(0, 0, W, H, out, idx).astype(np.float64)
