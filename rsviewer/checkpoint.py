@@ -232,14 +232,19 @@ def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     expect_arch: Optional[str] = None,
+    overrides: Optional[dict] = None,
 ) -> RetrievalModel:
     """Open a model ready for inference: ``default``, a name under models/, an rsviewer
-    model folder, a Hugging Face dual-encoder folder or an OpenAI/open_clip checkpoint file."""
+    model folder, a Hugging Face dual-encoder folder or an OpenAI/open_clip checkpoint file.
+    ``overrides``: settings that replace what was inferred from a foreign checkpoint
+    (``{"activation": "gelu"}``); refused for rsviewer folders, whose config is fixed."""
     p = Path(str(spec)).expanduser()
     fmt = format_of(p) if (p.is_file() or (p.is_dir() and not _is_rsviewer_folder(p))) else None
     if fmt is not None and fmt.name != "rsviewer":
-        model = fmt.open(p, device)
+        model = _open_foreign(p, device, overrides) if overrides else fmt.open(p, device)
     else:
+        if overrides:
+            raise ModelError(f"--set applies to checkpoint files and Hugging Face folders, not to the model folder {spec}")
         model = _load_rsviewer(resolve_model_dir(spec), device)
     if expect_arch and model.arch != expect_arch:
         raise ModelError(f"{model.name} is a {model.arch} model, not {expect_arch}")  # type: ignore[attr-defined]
@@ -280,6 +285,7 @@ def _load_rsviewer(folder: Path, device: str | torch.device = "cpu") -> Retrieva
 def _open_foreign(path: Path, device: str | torch.device = "cpu", overrides: Optional[dict] = None) -> RetrievalModel:
     from .archs.clip import Clip, config_for
 
+    path = path.resolve()
     cfg, desc = config_for(path, overrides)
     model = Clip(cfg)
     model.model_dir = path  # type: ignore[attr-defined]

@@ -283,9 +283,6 @@ class Clip(RetrievalModel):
         sim = torch.einsum("d,dhw->hw", temb, dense)
         return ExplainMaps(image_maps={"attnpool": att.reshape(h, w).cpu().numpy(), "similarity": sim.cpu().numpy()})
 
-    def local_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.dense_features(pixels)
-
     def feature_signature(self, side: str) -> dict:
         sig = super().feature_signature(side)
         sig["bases"] = {"tower": self.tower_fingerprint}

@@ -6,7 +6,7 @@ import argparse
 
 from .common import add_json_arg, add_model_arg, emit, load, progress_bar
 
-METHOD_CHOICES = ("gradcam", "gradcam++", "scorecam", "rollout", "attention", "patch", "tokens", "words")
+METHOD_CHOICES = ("gradcam", "gradcam++", "scorecam", "rollout", "chefer", "maskclip", "surgery", "attention", "patch", "tokens", "words")
 
 
 def register(sub) -> None:

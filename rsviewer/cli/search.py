@@ -30,7 +30,7 @@ def run(args) -> int:
     if args.k < 1:
         raise QueryError("-k must be at least 1")
     index = load_index(args.index)
-    model = load_model(args.model or index.meta["model"], device=pick_device(args.device))
+    model = load_model(args.model or _index_model(index), device=pick_device(args.device))
     if args.text is not None:
         res = search_text(model, index, args.text, args.k, rerank=args.rerank, labels=args.label)
     else:
@@ -41,3 +41,11 @@ def run(args) -> int:
         lines.append(f"{h.rank:3d}  {h.score:+.4f}  {h.id:<24} {h.label or '':<18} {extra}")
     emit(args, res.to_json(), "\n".join(lines))
     return 0
+
+
+def _index_model(index) -> str:
+    """The model an index was built with: its name under models/, else the path it was opened from."""
+    from ..checkpoint import list_models
+
+    name, path = index.meta["model"], index.meta.get("model_path")
+    return name if path is None or any(d.name == name for d in list_models()) else path

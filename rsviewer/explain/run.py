@@ -15,6 +15,7 @@ from ..archs.base import ExplainMaps, RetrievalModel
 from ..errors import QueryError
 from ..utils.progress import CancelToken, ProgressFn, check, report
 from . import maps as M
+from . import transformer as T
 from .core import (
     CAM_METHODS,
     METHODS,
@@ -46,9 +47,13 @@ def available_methods(model: RetrievalModel) -> list[str]:
         if m in CAM_METHODS:
             ok = cams
         elif m == "rollout":
-            ok = M.vit_backbone(model) is not None or (
+            ok = M.vit_backbone(model) is not None or T.supports_vit(model) or (
                 has_image_attention(model) and bool(M.stage_attention_maps(pr().image_maps))
             )
+        elif m == "chefer":
+            ok = T.supports_vit(model)
+        elif m in ("maskclip", "surgery"):
+            ok = T.supports_dense(model) and (m == "maskclip" or T.supports_vit(model))
         elif m == "attention":
             ok = bool(pr().image_maps)
         elif m == "patch":

@@ -66,6 +66,8 @@ class GalleryIndex:
 def model_identity(model: RetrievalModel) -> dict:
     return {
         "model": getattr(model, "name", model.arch),
+        # where to reopen it (a foreign checkpoint opened by path has no name under models/)
+        "model_path": str(getattr(model, "model_dir", "") or "") or None,
         "arch": model.arch,
         "fingerprint": getattr(model, "fingerprint", "untrained"),
         "embed_dim": model.embed_dim,
