@@ -75,7 +75,7 @@ class Clip(RetrievalModel):
         self.tower_fingerprint = hashlib.sha256((digest + json.dumps(cfg.to_dict(), sort_keys=True)).encode()).hexdigest()[:16]
         self.last_truncated: list[bool] = []
         if self.tower.kind == "hf":
-            self.text = _TextInfo(self.tower.tokenizer, self.tower.model.get_input_embeddings())
+            self.text = _TextInfo(self.tower.tokenizer, _hf_word_embeddings(self.tower.model))
         else:
             from ..nets.clip.tokenizer import get_tokenizer
 
@@ -93,7 +93,7 @@ class Clip(RetrievalModel):
         tm = t.clip.text_model if t.kind == "vit" else t.text.text_model
         return tm.embeddings.token_embedding
 
-    def word_embedding_layer(self) -> nn.Module:
+    def word_embedding_layer(self) -> Optional[nn.Module]:
         return self.text.embedding
 
     def logit_scale_bias(self) -> tuple[float, float]:
@@ -311,6 +311,18 @@ class _HFStyle:
 
     def get_vocab(self):
         return {k.replace("</w>", ""): v for k, v in self.tok.encoder.items()}
+
+
+def _hf_word_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The text tower's input word embeddings of a HF dual encoder (for word attributions)."""
+    for owner in (getattr(model, "text_model", None), model):
+        try:
+            emb = owner.get_input_embeddings() if owner is not None else None
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            return emb
+    return None
 
 
 def _build_tower(cfg: ClipConfig, path: Path) -> nn.Module:

@@ -108,6 +108,7 @@ def explain(
     try:
         report(progress, 0, 3, f"{method}: encoding the query")
         query = make_query(model, text, query_image, input_size)
+        truncated = bool(text is not None and any(getattr(model, "last_truncated", None) or ()))
         check(cancel)
         pixels = model.preprocess([img], input_size).to(model.device)
         report(progress, 1, 3, f"{method}: computing")
@@ -131,6 +132,8 @@ def explain(
             info.setdefault("grid", list(np.asarray(res.grid).shape[-2:]))
         if smooth:
             info["smooth"] = smooth
+        if truncated:  # a CLIP text tower has a fixed context (77 tokens): say what was explained
+            info["truncated"] = f"query longer than the model's {getattr(model.cfg, 'max_tokens', '?')}-token context: cut (end token kept)"
         if query_image is not None and isinstance(query_image, (str, Path)):
             info["query_image"] = str(query_image)
         report(progress, 3, 3, f"{method}: done")

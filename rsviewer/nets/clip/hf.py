@@ -120,6 +120,8 @@ class HFDualEncoder(nn.Module):
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         names = set(getattr(self.tokenizer, "model_input_names", tokens.keys()))
+        if self.model_type == "siglip":  # trained on max-length padding without a mask (its own tokenizer gives none)
+            names = {"input_ids"}
         return features(self.model.get_text_features(**{k: v for k, v in tokens.items() if k in names}))
 
     def vision_model(self):

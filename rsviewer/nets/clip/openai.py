@@ -192,8 +192,8 @@ def default_activation(cfg: dict, name: str) -> tuple[str, str]:
         return "gelu", f"{fam} exists only LAION-initialised"
     if "laion" in n or "datacomp" in n:
         return "gelu", "file name says LAION/DataComp-initialised"
-    if "skyclip" in n and fam.startswith("ViT-B"):
-        return "gelu", "SkyCLIP ViT-B-32 is LAION-initialised"
+    if "skyclip" in n and not fam.startswith("ViT-L"):
+        return "gelu", "SkyCLIP ViT-B-32 is LAION-initialised (its L-14 is OpenAI's)"
     return "quick_gelu", "OpenAI-initialised (RemoteCLIP, GeoRSCLIP-B-32, SkyCLIP-L-14, OpenAI)"
 
 

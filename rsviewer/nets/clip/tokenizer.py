@@ -121,3 +121,18 @@ class ClipTokenizer:
 @lru_cache(maxsize=2)
 def get_tokenizer(context: int = CONTEXT) -> ClipTokenizer:
     return ClipTokenizer(context=context)
+
+
+def write_hf_files(folder: str | Path, tok: ClipTokenizer | None = None) -> tuple[Path, Path]:
+    """Write ``vocab.json`` + ``merges.txt`` (the files transformers' ``CLIPTokenizer``
+    reads) from the shipped merge list — to build a Hugging Face CLIP folder offline."""
+    import json
+
+    tok = tok or get_tokenizer()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
+    ordered = sorted(tok.rank, key=tok.rank.get)
+    merges.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in ordered) + "\n", encoding="utf-8")
+    return vocab, merges
