@@ -9,6 +9,12 @@
 Loading rebuilds the architecture from ``config.json`` through the registry (which
 loads and verifies the bases), then loads the trained tensors strictly. Writes are
 atomic (a folder swap), so an interrupted save never corrupts an existing model.
+
+What ``--model`` accepts is a small registry of **model formats** (``@model_format``):
+the rsviewer folder above, a Hugging Face dual-encoder folder, an OpenAI/open_clip
+checkpoint file. Each entry says how to recognise a path and how to open it; foreign
+formats open as the ``clip`` architecture without writing anything (``rsviewer import``
+turns one into a named rsviewer folder that references the weights by sha256).
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -50,10 +57,13 @@ def model_dirs() -> list[Path]:
 
 
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
-    """``default`` | ``NAME`` (looked up in :func:`model_dirs`) | a folder path."""
+    """``default`` | ``NAME`` (looked up in :func:`model_dirs`) | a folder path | a foreign
+    model (Hugging Face folder, OpenAI/open_clip file: returned as is, see :data:`FORMATS`)."""
     s = str(spec)
     p = Path(s).expanduser()
-    if p.is_dir() and (p / CONFIG).exists():
+    if p.is_dir() and (p / CONFIG).exists() and _is_rsviewer_folder(p):
+        return p
+    if p.exists() and format_of(p) is not None:
         return p
     if os.sep not in s and "/" not in s:
         for d in model_dirs():
@@ -64,6 +74,54 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
         raise ModelError(f"{p} is not a model folder (no {CONFIG})")
     names = sorted({c.name for d in model_dirs() if d.is_dir() for c in d.iterdir() if (c / CONFIG).exists()})
     raise ModelError(f"model {s!r} not found; available: {', '.join(names) or 'none'}")
+
+
+# ---- the format registry -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelFormat:
+    name: str
+    detect: Callable[[Path], bool]
+    open: Callable[..., RetrievalModel]
+
+
+FORMATS: list[ModelFormat] = []
+
+
+def model_format(name: str, detect: Callable[[Path], bool]):
+    """Register ``open(path, device) -> RetrievalModel`` for paths ``detect`` accepts
+    (checked in registration order; the rsviewer folder first)."""
+
+    def deco(fn):
+        FORMATS.append(ModelFormat(name, detect, fn))
+        return fn
+
+    return deco
+
+
+def format_of(path: str | os.PathLike) -> Optional[ModelFormat]:
+    p = Path(path).expanduser()
+    return next((f for f in FORMATS if p.exists() and f.detect(p)), None)
+
+
+def _is_rsviewer_folder(p: Path) -> bool:
+    if not (p.is_dir() and (p / CONFIG).exists()):
+        return False
+    try:
+        return json.loads((p / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return True  # let read_config report the broken file in one line
+
+
+def _is_hf_folder(p: Path) -> bool:
+    from .nets.clip.hf import is_hf_folder
+
+    return not _is_rsviewer_folder(p) and is_hf_folder(p)
+
+
+def _is_openai_file(p: Path) -> bool:
+    from .nets.clip.openai import SUFFIXES
+
+    return p.is_file() and p.suffix.lower() in SUFFIXES
 
 
 def list_models() -> list[Path]:
@@ -108,6 +166,12 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _combined_fingerprint(model: RetrievalModel, weights: Path) -> str:
+    fp = _fingerprint(weights)
+    tower = getattr(model, "tower_fingerprint", None)  # clip: the foreign weights + settings
+    return hashlib.sha256((fp + tower).encode()).hexdigest()[:16] if tower else fp
+
+
 def save_model(
     model: RetrievalModel,
     folder: str | os.PathLike,
@@ -137,7 +201,7 @@ def save_model(
             # changed library default can never silently change a trained model
             "preprocess": {"mean": list(model.mean), "std": list(model.std), "image_size": model.image_size},
             "parameters": model.parameter_counts(),
-            "fingerprint": _fingerprint(tmp / WEIGHTS),
+            "fingerprint": _combined_fingerprint(model, tmp / WEIGHTS),
         }
         extra = model.extra_config()
         if extra is not None:
@@ -200,7 +264,7 @@ def build_from_config(cfg: dict) -> RetrievalModel:
         model.mean, model.std = tuple(pre["mean"]), tuple(pre["std"])
     # the bases were loaded by the constructor; check they are the ones trained with
     for prefix, ref in cfg.get("bases", {}).items():
-        if ref:
+        if ref and cfg["arch"] != "clip":  # clip checks its foreign weights itself, hash cached on disk
             resolve_ref(WeightsRef.from_json(ref), verify=True)
     return model
 
@@ -209,15 +273,31 @@ def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     expect_arch: Optional[str] = None,
+    overrides: Optional[dict] = None,
 ) -> RetrievalModel:
-    """Load a model folder (``default``, a name under models/, or a path) ready for inference."""
+    """Open a model ready for inference: ``default``, a name under models/, an rsviewer
+    model folder, a Hugging Face dual-encoder folder or an OpenAI/open_clip checkpoint file.
+    ``overrides``: settings that replace what was inferred from a foreign checkpoint
+    (``{"activation": "gelu"}``); refused for rsviewer folders, whose config is fixed."""
+    p = Path(str(spec)).expanduser()
+    fmt = format_of(p) if (p.is_file() or (p.is_dir() and not _is_rsviewer_folder(p))) else None
+    if fmt is not None and fmt.name != "rsviewer":
+        model = _open_foreign(p, device, overrides) if overrides else fmt.open(p, device)
+    else:
+        if overrides:
+            raise ModelError(f"--set applies to checkpoint files and Hugging Face folders, not to the model folder {spec}")
+        model = _load_rsviewer(resolve_model_dir(spec), device)
+    if expect_arch and model.arch != expect_arch:
+        raise ModelError(f"{model.name} is a {model.arch} model, not {expect_arch}")  # type: ignore[attr-defined]
+    return model
+
+
+@model_format("rsviewer", detect=_is_rsviewer_folder)
+def _load_rsviewer(folder: Path, device: str | torch.device = "cpu") -> RetrievalModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = resolve_model_dir(spec)
     cfg = read_config(folder)
-    if expect_arch and cfg["arch"] != expect_arch:
-        raise ModelError(f"{folder.name} is a {cfg['arch']} model, not {expect_arch}")
     model = build_from_config(cfg)
     try:
         tensors = load_file(str(folder / WEIGHTS))
@@ -241,3 +321,26 @@ def load_model(
     model.fingerprint = cfg["fingerprint"]  # type: ignore[attr-defined]
     model.name = folder.name  # type: ignore[attr-defined]
     return model.to(device).eval()
+
+
+def _open_foreign(path: Path, device: str | torch.device = "cpu", overrides: Optional[dict] = None) -> RetrievalModel:
+    from .archs.clip import Clip, config_for
+
+    path = path.resolve()
+    cfg, desc = config_for(path, overrides)
+    model = Clip(cfg)
+    model.model_dir = path  # type: ignore[attr-defined]
+    model.fingerprint = model.tower_fingerprint  # type: ignore[attr-defined]
+    model.name = path.stem if path.is_file() else path.name  # type: ignore[attr-defined]
+    model.description = desc  # type: ignore[attr-defined]
+    return model.to(device).eval()
+
+
+@model_format("huggingface", detect=_is_hf_folder)
+def _load_hf(path: Path, device: str | torch.device = "cpu") -> RetrievalModel:
+    return _open_foreign(path, device)
+
+
+@model_format("openai-clip", detect=_is_openai_file)
+def _load_openai(path: Path, device: str | torch.device = "cpu") -> RetrievalModel:
+    return _open_foreign(path, device)

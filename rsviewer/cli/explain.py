@@ -9,7 +9,7 @@ from .common import (
     probability, progress_bar,
 )
 
-METHOD_CHOICES = ("gradcam", "gradcam++", "scorecam", "rollout", "attention", "patch", "tokens", "words")
+METHOD_CHOICES = ("gradcam", "gradcam++", "scorecam", "rollout", "chefer", "maskclip", "surgery", "attention", "patch", "tokens", "words")
 
 
 def register(sub) -> None:

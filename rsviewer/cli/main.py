@@ -30,6 +30,7 @@ COMMANDS = [
     "localize",
     "project",
     "models",
+    "import_",
 ]
 
 

@@ -58,3 +58,4 @@ def run(args) -> int:
         raise QueryError(f"--geojson needs a tile index (rsviewer index --scenes); {args.index} is a gallery")
     emit(args, obj, "\n".join(lines))
     return 0
+

@@ -24,7 +24,7 @@ from ..archs.base import ExplainMaps, RetrievalModel, check_query
 from ..data import load_image
 from ..errors import NotAvailable, QueryError
 
-METHODS = ("gradcam", "gradcam++", "scorecam", "rollout", "attention", "patch", "tokens", "words")
+METHODS = ("gradcam", "gradcam++", "scorecam", "rollout", "chefer", "maskclip", "surgery", "attention", "patch", "tokens", "words")
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
 HEATMAP_METHODS = tuple(m for m in METHODS if m != "words")
 

@@ -52,6 +52,9 @@ KNOWN_OPTS = {
     "gradcam++": {"rectify_activations"},
     "scorecam": {"channels", "batch_size", "weighting", "temperature"},
     "rollout": {"head_fusion"},
+    "chefer": set(),
+    "maskclip": set(),
+    "surgery": set(),
     "attention": {"map"},
     "patch": set(),
     "tokens": {"top_words"},
@@ -83,6 +86,9 @@ def compute(
         "gradcam++": _cam,
         "scorecam": _scorecam,
         "rollout": _rollout,
+        "chefer": _chefer,
+        "maskclip": _dense,
+        "surgery": _dense,
         "attention": _attention,
         "patch": _patch,
         "tokens": _tokens,
@@ -189,6 +195,13 @@ def _rollout(model, pixels, query, method, layer, head_fusion="mean", **_):
         raise QueryError(f"head_fusion must be 'mean' or 'max', not {head_fusion!r}")
     bb = vit_backbone(model)
     score = query_score(model, pixels, query)
+    from . import transformer as T
+
+    if bb is None and T.supports_vit(model):  # a CLIP tower (transformers' vision model)
+        grid, n = T.vit_rollout(model, pixels, head_fusion)
+        return MapResult(grid=grid, score=score, info={"source": "CLIP vision transformer", "blocks": n,
+                                                       "head_fusion": head_fusion, "from": "[CLS] row",
+                                                       "note": "attention rollout does not depend on the query"})
     if bb is not None:
         atts = vit_attentions(bb, pixels[:1])
         r = rollout_matrix(atts, head_fusion)[0]  # (N, N)
@@ -228,6 +241,23 @@ def _rollout(model, pixels, query, method, layer, head_fusion="mean", **_):
             "attention (mean 1, plus identity), coarse stages upsampled to the finest grid",
         },
     )
+
+
+def _chefer(model, pixels, query, method, layer, **_):
+    from . import transformer as T
+
+    grid, score, info = T.chefer(model, pixels, query)
+    info["target"] = _target_name(query)
+    return MapResult(grid=grid, score=score, info=info)
+
+
+def _dense(model, pixels, query, method, layer, **_):
+    from . import transformer as T
+
+    sim, info = T.dense_similarity(model, pixels, query, surgery=(method == "surgery"))
+    info["note"] = ("patch–query cosine through the last block's value path (MaskCLIP)" if method == "maskclip" else
+                    "CLIP Surgery: v–v attention in the last block, redundant direction removed")
+    return MapResult(grid=sim, score=query_score(model, pixels, query), info=info)
 
 
 def _backbone_name(model) -> str:

@@ -15,6 +15,7 @@ from ..archs.base import ExplainMaps, RetrievalModel
 from ..errors import QueryError
 from ..utils.progress import CancelToken, ProgressFn, check, report
 from . import maps as M
+from . import transformer as T
 from .core import (
     CAM_METHODS,
     METHODS,
@@ -48,9 +49,13 @@ def available_methods(model: RetrievalModel) -> list[str]:
         if m in CAM_METHODS:
             ok = cams
         elif m == "rollout":
-            ok = M.vit_backbone(model) is not None or (
+            ok = M.vit_backbone(model) is not None or T.supports_vit(model) or (
                 has_image_attention(model) and bool(M.stage_attention_maps(pr().image_maps))
             )
+        elif m == "chefer":
+            ok = T.supports_vit(model)
+        elif m in ("maskclip", "surgery"):
+            ok = T.supports_dense(model) and (m == "maskclip" or T.supports_vit(model))
         elif m == "attention":
             ok = bool(pr().image_maps)
         elif m == "patch":
@@ -119,6 +124,7 @@ def explain(
     try:
         report(progress, 0, 3, f"{method}: encoding the query")
         query = make_query(model, text, query_image, input_size)
+        truncated = bool(text is not None and any(getattr(model, "last_truncated", None) or ()))
         check(cancel)
         pixels = model.preprocess([img], input_size).to(model.device)
         report(progress, 1, 3, f"{method}: computing")
@@ -142,6 +148,8 @@ def explain(
             info.setdefault("grid", list(np.asarray(res.grid).shape[-2:]))
         if smooth:
             info["smooth"] = smooth
+        if truncated:  # a CLIP text tower has a fixed context (77 tokens): say what was explained
+            info["truncated"] = f"query longer than the model's {getattr(model.cfg, 'max_tokens', '?')}-token context: cut (end token kept)"
         if query_image is not None and isinstance(query_image, (str, Path)):
             info["query_image"] = str(query_image)
         report(progress, 3, 3, f"{method}: done")

@@ -97,6 +97,8 @@ def index_model_dir(meta: dict) -> Path:
 
     if path and Path(path).is_dir() and fingerprint_of(path) == fp:
         return Path(path)
+    if path and Path(path).exists() and not (Path(path) / "config.json").exists():
+        return Path(path)  # a foreign checkpoint opened by path; search's fingerprint check confirms it
     for folder in list_models():
         if fingerprint_of(folder) == fp:
             return folder
