@@ -24,6 +24,13 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:  # range(0, n, 0) would be a ValueError
+        from ..errors import RsviewerError
+
+        raise RsviewerError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
 @torch.no_grad()
 def encode_images(
     model: RetrievalModel,
@@ -34,6 +41,7 @@ def encode_images(
     message: str = "encoding images",
 ) -> dict[str, torch.Tensor]:
     """Image states for every path (CPU tensors)."""
+    _check_batch(batch_size)
     device = model.device
     parts = []
     for s in range(0, len(paths), batch_size):
@@ -54,6 +62,7 @@ def encode_texts(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
 ) -> dict[str, torch.Tensor]:
+    _check_batch(batch_size)
     device = model.device
     parts = []
     for s in range(0, len(texts), batch_size):

@@ -127,8 +127,6 @@ def build_index(
 
     ``out`` is checked before any encoding: it must be absent or empty, or (with
     ``overwrite``) an index rsviewer wrote, and must not be or contain the gallery."""
-    if batch_size < 1:
-        raise RsviewerError(f"batch size must be at least 1, got {batch_size}")
     ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
     inputs = [ds.source, getattr(ds, "images_dir", None)]
     if out is not None:
