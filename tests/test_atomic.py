@@ -125,3 +125,15 @@ def test_claimed_folder_counts_as_empty_until_filled(tmp_path):
         claim_output_dir(out, "localize-overlays")
     claim_output_dir(out, "localize-overlays", overwrite=True)
     assert os.path.exists(out / "q00.png")
+
+
+def test_a_symlinked_parent_does_not_hide_an_input(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (tmp_path / "link").symlink_to(imgs)
+    with pytest.raises(OutputError, match="inside the input folder"):
+        check_output_dir(tmp_path / "link" / "idx", inputs=[imgs])
+    with pytest.raises(OutputError, match="symbolic link"):
+        check_output_dir(tmp_path / "link", overwrite=True)
+    with pytest.raises(OutputError, match="inside the input folder"):
+        check_output_file(tmp_path / "link" / "map.csv", inputs=[imgs])

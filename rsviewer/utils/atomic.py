@@ -119,18 +119,19 @@ def _is_within(child: Path, parent: Path) -> bool:
 def _check_against_inputs(out: Path, inputs: Iterable, label: str) -> None:
     from ..errors import OutputError
 
-    cwd = _resolved(os.getcwd())
-    if out == cwd or _is_within(cwd, out):
+    real = Path(os.path.realpath(out))  # a symlinked parent must not hide an input
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd or _is_within(cwd, real):
         raise OutputError(f"{label} {out} is the current folder or one of its parents; name a new folder")
-    if out.parent == out or out == _resolved("~"):
+    if real.parent == real or real == Path(os.path.realpath(os.path.expanduser("~"))):
         raise OutputError(f"{label} {out} is a root or home folder; name a new folder")
     for inp in inputs:
         if inp is None or str(inp) == "":
             continue
-        src = _resolved(inp)
-        if out == src or _is_within(src, out):
+        src = Path(os.path.realpath(_resolved(inp)))
+        if real == src or _is_within(src, real):
             raise OutputError(f"{label} {out} would replace the input {src}; choose another path")
-        if src.is_dir() and _is_within(out, src):
+        if src.is_dir() and _is_within(real, src):
             raise OutputError(f"{label} {out} is inside the input folder {src}; choose a path outside it")
 
 
@@ -170,7 +171,9 @@ def check_output_dir(
 
     out = _resolved(path)
     _check_against_inputs(out, inputs, label)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():  # swapping would replace the link, not what it points to: ambiguous, refuse
+        raise OutputError(f"{label} {out} is a symbolic link; name the folder itself or a new one")
+    if out.exists() and not out.is_dir():
         raise OutputError(f"{label} {out} is a file, not a folder; choose another path")
     if out.is_dir():
         try:
@@ -208,7 +211,7 @@ def check_output_file(
         src = _resolved(inp)
         if out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
             raise OutputError(f"{label} {out} is an input; choose another path")
-        if src.is_dir() and _is_within(out, src):
+        if src.is_dir() and _is_within(Path(os.path.realpath(out)), Path(os.path.realpath(src))):
             raise OutputError(f"{label} {out} is inside the input folder {src}; choose a path outside it")
     if out.exists() and not overwrite:
         raise OutputError(f"{label} {out} already exists; pass {flag} to replace it")
