@@ -55,6 +55,8 @@ def test_rsviewers_own_folder_needs_permission(tmp_path):
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "index.json").write_text(json.dumps({"format": "rsviewer-index/1", "n": 2}))
     assert json.loads((out / "index.json").read_text())["n"] == 2
+    with pytest.raises(OutputError, match="holds an rsviewer index, not model"):
+        check_output_dir(out, overwrite=True, kind="model")  # --force replaces like with like
     # a tagged file of another format is not rsviewer's
     (out / "index.json").write_text(json.dumps({"format": "someone-else/3"}))
     with pytest.raises(OutputError, match="not written by rsviewer"):

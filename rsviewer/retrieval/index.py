@@ -130,7 +130,7 @@ def build_index(
     ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
     inputs = [ds.source, getattr(ds, "images_dir", None)]
     if out is not None:
-        check_output_dir(out, overwrite, inputs, label="index folder")
+        check_output_dir(out, overwrite, inputs, label="index folder", kind="index")
     if split and split != "all":
         ds = ds.split(split)
     if skip_missing:

@@ -157,15 +157,16 @@ def _check_parent(out: Path, label: str) -> None:
 
 def check_output_dir(
     path: str | os.PathLike, overwrite: bool = False, inputs: Iterable = (), label: str = "output folder",
-    flag: str = "overwrite=True",
+    flag: str = "overwrite=True", kind: Optional[str] = None,
 ) -> Path:
     """Refuse, in one line, an output folder whose replacement would lose data.
 
     Allowed: an absent or empty folder; a folder rsviewer wrote (see :func:`rsviewer_kind`)
     only with ``overwrite``. Refused: a file, a non-empty folder rsviewer did not write,
     the current folder or a parent of it, an input or a parent of one, a path inside an
-    input folder, a path whose parent cannot be written. ``flag`` names the permission in
-    the message (``--force`` on the CLI). Returns the absolute path.
+    input folder, a path whose parent cannot be written, and (when ``kind`` is given) an
+    rsviewer folder of another kind (an index never silently replaces a model). ``flag``
+    names the permission in the message (``--force`` on the CLI). Returns the absolute path.
     """
     from ..errors import OutputError
 
@@ -181,15 +182,17 @@ def check_output_dir(
         except OSError as e:
             raise OutputError(f"cannot read {label} {out}: {e.strerror}") from None
         if entries:
-            kind = rsviewer_kind(out)
-            if kind is None:
+            have = rsviewer_kind(out)
+            if have is None:
                 n = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
                 raise OutputError(
                     f"{label} {out} is not empty and was not written by rsviewer ({n}, e.g. "
                     f"{sorted(entries)[0]!r}); choose a new or empty folder"
                 )
+            if kind and have != kind:
+                raise OutputError(f"{label} {out} holds an rsviewer {have}, not {kind}; choose another path")
             if not overwrite:
-                raise OutputError(f"{label} {out} already holds an rsviewer {kind}; pass {flag} to replace it")
+                raise OutputError(f"{label} {out} already holds an rsviewer {have}; pass {flag} to replace it")
     _check_parent(out, label)
     return out
 
@@ -223,7 +226,7 @@ def claim_output_dir(path: str | os.PathLike, kind: str, overwrite: bool = False
                      label: str = "output folder", flag: str = "overwrite=True") -> Path:
     """Check ``path`` as :func:`check_output_dir` does, then create it (if needed) with a
     manifest naming ``kind``, for folders filled file by file (overlays of an evaluation)."""
-    out = check_output_dir(path, overwrite, inputs, label, flag)
+    out = check_output_dir(path, overwrite, inputs, label, flag, kind)
     out.mkdir(parents=True, exist_ok=True)
     if rsviewer_kind(out) is None:
         write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "kind": kind})
@@ -243,7 +246,7 @@ def atomic_dir(
     exactly as it was. ``kind`` is written to a manifest when the new folder has no
     tagged file of its own (config.json of a model, index.json of an index).
     """
-    path = check_output_dir(path, overwrite, inputs)
+    path = check_output_dir(path, overwrite, inputs, kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -251,7 +254,7 @@ def atomic_dir(
         yield tmp
         if rsviewer_kind(tmp) is None:
             write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "kind": kind or "output"})
-        check_output_dir(path, overwrite, inputs)  # the minutes of work may have changed it
+        check_output_dir(path, overwrite, inputs, kind=kind)  # the minutes of work may have changed it
         _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
