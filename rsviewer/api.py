@@ -8,6 +8,9 @@
 
 Every long function takes ``progress=(done, total, message) -> None`` and
 ``cancel=<object with is_set()>``; user errors raise :class:`rsviewer.errors.RsviewerError`.
+Outputs (``save_model``, ``build_index(..., out)``, ``train(..., out)``) go to an absent or
+empty folder, or over a folder rsviewer wrote with ``overwrite=True``; a folder of anything
+else is never replaced (:class:`rsviewer.errors.OutputError`).
 """
 from __future__ import annotations
 

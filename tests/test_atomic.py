@@ -55,6 +55,8 @@ def test_rsviewers_own_folder_needs_permission(tmp_path):
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "index.json").write_text(json.dumps({"format": "rsviewer-index/1", "n": 2}))
     assert json.loads((out / "index.json").read_text())["n"] == 2
+    with pytest.raises(OutputError, match="holds an rsviewer index, not model"):
+        check_output_dir(out, overwrite=True, kind="model")  # --force replaces like with like
     # a tagged file of another format is not rsviewer's
     (out / "index.json").write_text(json.dumps({"format": "someone-else/3"}))
     with pytest.raises(OutputError, match="not written by rsviewer"):
@@ -125,3 +127,15 @@ def test_claimed_folder_counts_as_empty_until_filled(tmp_path):
         claim_output_dir(out, "localize-overlays")
     claim_output_dir(out, "localize-overlays", overwrite=True)
     assert os.path.exists(out / "q00.png")
+
+
+def test_a_symlinked_parent_does_not_hide_an_input(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (tmp_path / "link").symlink_to(imgs)
+    with pytest.raises(OutputError, match="inside the input folder"):
+        check_output_dir(tmp_path / "link" / "idx", inputs=[imgs])
+    with pytest.raises(OutputError, match="symbolic link"):
+        check_output_dir(tmp_path / "link", overwrite=True)
+    with pytest.raises(OutputError, match="inside the input folder"):
+        check_output_file(tmp_path / "link" / "map.csv", inputs=[imgs])

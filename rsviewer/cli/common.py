@@ -144,11 +144,11 @@ def add_force_arg(p, what: str = "folder") -> None:
     p.add_argument("--force", action="store_true", help=text)
 
 
-def check_out_dir(args, path, inputs: Iterable = (), label: str = "--out", force=None) -> None:
+def check_out_dir(args, path, inputs: Iterable = (), label: str = "--out", force=None, kind=None) -> None:
     from ..utils.atomic import check_output_dir
 
     force = getattr(args, "force", False) if force is None else force
-    check_output_dir(path, force, inputs, label=label, flag="--force")
+    check_output_dir(path, force, inputs, label=label, flag="--force", kind=kind)
 
 
 def check_out_file(args, path, inputs: Iterable = (), label: str = "--out") -> None:

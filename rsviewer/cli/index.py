@@ -35,7 +35,7 @@ def run(args) -> int:
     if args.scenes:
         return _run_scenes(args)
     source = args.data or args.images
-    check_out_dir(args, args.out, [source, args.image_dir])  # before the model loads and minutes of encoding
+    check_out_dir(args, args.out, [source, args.image_dir], kind="index")  # before the model loads and minutes of encoding
     ds = load_dataset(source, images=args.image_dir)  # a bad gallery or split, too
     if args.split and args.split != "all":
         ds.split(args.split)

@@ -206,7 +206,8 @@ def _run_anno(args) -> int:
     from ..utils.atomic import check_output_dir, claim_output_dir
 
     if args.out_dir:  # before the engine imports (seconds); claimed below once the anno file is good
-        check_output_dir(args.out_dir, args.force, [args.anno, args.scenes], label="--out-dir", flag="--force")
+        check_output_dir(args.out_dir, args.force, [args.anno, args.scenes], label="--out-dir", flag="--force",
+                         kind="localize-overlays")
     from ..localize import evaluate_anno, load_anno
 
     load_anno(args.anno)  # a bad file fails before the model loads

@@ -56,7 +56,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 def run(args) -> int:
     # before feature caching and training (minutes): --resume continues in a folder rsviewer wrote
-    check_out_dir(args, args.out, [args.data, args.images], force=args.force or args.resume)
+    check_out_dir(args, args.out, [args.data, args.images], force=args.force or args.resume, kind="model")
     from ..data import load_dataset
 
     load_dataset(args.data, images=args.images)  # a bad dataset fails in a second, not after the imports

@@ -26,6 +26,13 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:  # range(0, n, 0) would be a ValueError
+        from ..errors import RsviewerError
+
+        raise RsviewerError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
 @torch.no_grad()
 def encode_images(
     model: RetrievalModel,
@@ -38,6 +45,7 @@ def encode_images(
 ) -> dict[str, torch.Tensor]:
     """Image states for every path (CPU tensors). ``runtime``: ``torch`` (evaluation's
     reference path), ``onnx`` or ``auto`` (:mod:`rsviewer.runtime`; index building uses it)."""
+    _check_batch(batch_size)
     device = model.device
     tw = None if runtime == "torch" else towers(model, runtime)
     parts = []
@@ -64,6 +72,7 @@ def encode_texts(
     runtime: str = "torch",
 ) -> dict[str, torch.Tensor]:
     """Text states of every caption (CPU tensors); ``runtime`` as in :func:`encode_images`."""
+    _check_batch(batch_size)
     device = model.device
     tw = None if runtime == "torch" else towers(model, runtime)
     parts = []

@@ -137,12 +137,10 @@ def build_index(
     ``out`` is checked before any encoding: it must be absent or empty, or (with
     ``overwrite``) an index rsviewer wrote, and must not be or contain the gallery.
     ``runtime``: ``auto`` | ``onnx`` | ``torch`` for the frozen towers (:mod:`rsviewer.runtime`)."""
-    if batch_size < 1:
-        raise RsviewerError(f"batch size must be at least 1, got {batch_size}")
     ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
     inputs = [ds.source, getattr(ds, "images_dir", None)]
     if out is not None:
-        check_output_dir(out, overwrite, inputs, label="index folder")
+        check_output_dir(out, overwrite, inputs, label="index folder", kind="index")
     if split and split != "all":
         ds = ds.split(split)
     if skip_missing:

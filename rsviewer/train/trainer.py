@@ -66,6 +66,21 @@ class TrainConfig:
     eval_every: int = 1
     ema: float = 0.0  # >0: evaluate and save an exponential moving average of the trained weights
 
+    def __post_init__(self) -> None:
+        """Absurd values are one line here, not a crash after minutes of feature caching."""
+        bad = [f"{k} must be at least 1, got {getattr(self, k)!r}" for k in ("epochs", "batch_size", "eval_every")
+               if getattr(self, k) < 1]
+        if not 1 <= self.views <= 8:
+            bad.append(f"views must be between 1 and 8, got {self.views!r}")
+        for k in ("max_train_images", "max_val_images"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                bad.append(f"{k} must be at least 1, got {getattr(self, k)!r}")
+        if not 0.0 <= self.ema < 1.0:
+            bad.append(f"ema must be in [0, 1), got {self.ema!r}")
+        if not self.lr > 0:
+            bad.append(f"lr must be greater than 0, got {self.lr!r}")
+        if bad:
+            raise RsviewerError("train config: " + "; ".join(bad))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

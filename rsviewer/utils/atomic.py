@@ -119,18 +119,19 @@ def _is_within(child: Path, parent: Path) -> bool:
 def _check_against_inputs(out: Path, inputs: Iterable, label: str) -> None:
     from ..errors import OutputError
 
-    cwd = _resolved(os.getcwd())
-    if out == cwd or _is_within(cwd, out):
+    real = Path(os.path.realpath(out))  # a symlinked parent must not hide an input
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd or _is_within(cwd, real):
         raise OutputError(f"{label} {out} is the current folder or one of its parents; name a new folder")
-    if out.parent == out or out == _resolved("~"):
+    if real.parent == real or real == Path(os.path.realpath(os.path.expanduser("~"))):
         raise OutputError(f"{label} {out} is a root or home folder; name a new folder")
     for inp in inputs:
         if inp is None or str(inp) == "":
             continue
-        src = _resolved(inp)
-        if out == src or _is_within(src, out):
+        src = Path(os.path.realpath(_resolved(inp)))
+        if real == src or _is_within(src, real):
             raise OutputError(f"{label} {out} would replace the input {src}; choose another path")
-        if src.is_dir() and _is_within(out, src):
+        if src.is_dir() and _is_within(real, src):
             raise OutputError(f"{label} {out} is inside the input folder {src}; choose a path outside it")
 
 
@@ -156,21 +157,24 @@ def _check_parent(out: Path, label: str) -> None:
 
 def check_output_dir(
     path: str | os.PathLike, overwrite: bool = False, inputs: Iterable = (), label: str = "output folder",
-    flag: str = "overwrite=True",
+    flag: str = "overwrite=True", kind: Optional[str] = None,
 ) -> Path:
     """Refuse, in one line, an output folder whose replacement would lose data.
 
     Allowed: an absent or empty folder; a folder rsviewer wrote (see :func:`rsviewer_kind`)
     only with ``overwrite``. Refused: a file, a non-empty folder rsviewer did not write,
     the current folder or a parent of it, an input or a parent of one, a path inside an
-    input folder, a path whose parent cannot be written. ``flag`` names the permission in
-    the message (``--force`` on the CLI). Returns the absolute path.
+    input folder, a path whose parent cannot be written, and (when ``kind`` is given) an
+    rsviewer folder of another kind (an index never silently replaces a model). ``flag``
+    names the permission in the message (``--force`` on the CLI). Returns the absolute path.
     """
     from ..errors import OutputError
 
     out = _resolved(path)
     _check_against_inputs(out, inputs, label)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():  # swapping would replace the link, not what it points to: ambiguous, refuse
+        raise OutputError(f"{label} {out} is a symbolic link; name the folder itself or a new one")
+    if out.exists() and not out.is_dir():
         raise OutputError(f"{label} {out} is a file, not a folder; choose another path")
     if out.is_dir():
         try:
@@ -178,15 +182,17 @@ def check_output_dir(
         except OSError as e:
             raise OutputError(f"cannot read {label} {out}: {e.strerror}") from None
         if entries:
-            kind = rsviewer_kind(out)
-            if kind is None:
+            have = rsviewer_kind(out)
+            if have is None:
                 n = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
                 raise OutputError(
                     f"{label} {out} is not empty and was not written by rsviewer ({n}, e.g. "
                     f"{sorted(entries)[0]!r}); choose a new or empty folder"
                 )
+            if kind and have != kind:
+                raise OutputError(f"{label} {out} holds an rsviewer {have}, not {kind}; choose another path")
             if not overwrite:
-                raise OutputError(f"{label} {out} already holds an rsviewer {kind}; pass {flag} to replace it")
+                raise OutputError(f"{label} {out} already holds an rsviewer {have}; pass {flag} to replace it")
     _check_parent(out, label)
     return out
 
@@ -208,7 +214,7 @@ def check_output_file(
         src = _resolved(inp)
         if out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
             raise OutputError(f"{label} {out} is an input; choose another path")
-        if src.is_dir() and _is_within(out, src):
+        if src.is_dir() and _is_within(Path(os.path.realpath(out)), Path(os.path.realpath(src))):
             raise OutputError(f"{label} {out} is inside the input folder {src}; choose a path outside it")
     if out.exists() and not overwrite:
         raise OutputError(f"{label} {out} already exists; pass {flag} to replace it")
@@ -220,7 +226,7 @@ def claim_output_dir(path: str | os.PathLike, kind: str, overwrite: bool = False
                      label: str = "output folder", flag: str = "overwrite=True") -> Path:
     """Check ``path`` as :func:`check_output_dir` does, then create it (if needed) with a
     manifest naming ``kind``, for folders filled file by file (overlays of an evaluation)."""
-    out = check_output_dir(path, overwrite, inputs, label, flag)
+    out = check_output_dir(path, overwrite, inputs, label, flag, kind)
     out.mkdir(parents=True, exist_ok=True)
     if rsviewer_kind(out) is None:
         write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "kind": kind})
@@ -240,7 +246,7 @@ def atomic_dir(
     exactly as it was. ``kind`` is written to a manifest when the new folder has no
     tagged file of its own (config.json of a model, index.json of an index).
     """
-    path = check_output_dir(path, overwrite, inputs)
+    path = check_output_dir(path, overwrite, inputs, kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -248,7 +254,7 @@ def atomic_dir(
         yield tmp
         if rsviewer_kind(tmp) is None:
             write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "kind": kind or "output"})
-        check_output_dir(path, overwrite, inputs)  # the minutes of work may have changed it
+        check_output_dir(path, overwrite, inputs, kind=kind)  # the minutes of work may have changed it
         _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
