@@ -46,7 +46,26 @@ def run_app(args) -> int:
     if screenshot:
         return take_screenshot(app, win, Path(screenshot), getattr(args, "query", None), getattr(args, "tab", None))
     win.show()
-    return int(app.exec())
+    rc = int(app.exec())
+    return finish(win, rc)
+
+
+def finish(win, rc: int) -> int:
+    """Leave promptly once the window is closed. ``closeEvent`` cancelled every job and
+    waited briefly; a job that cannot be interrupted (reading model weights) would keep
+    the interpreter alive for seconds and then die with tracebacks at shutdown, so the
+    process ends here (nothing rsviewer writes is left half-done: writes are atomic and
+    the cancelled writers have already cleaned up)."""
+    from .util import shutdown_thumbs
+
+    if not win.isHidden():
+        win.close()
+    clean = win.jobs.shutdown(100) and shutdown_thumbs(100)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not clean or os.environ.get("RSVIEWER_FAST_EXIT", "1") == "1":
+        os._exit(rc)
+    return rc
 
 
 # ---------------------------------------------------------------------- screenshots

@@ -119,9 +119,13 @@ class CompareWidget(QWidget):
                 out.append((m, res, gt, qrow))
             return out
 
+        def current():  # still the query and main model on screen
+            return self.query == query and self.model_a is model_a and self.model_b.currentData() == spec_b
+
         self.info.setText("running the query on both models…")
-        self.jobs.start("Compare", work, self._done, lambda msg: self.info.setText(f"Compare failed: {msg}"),
-                        slot="compare", on_cancel=lambda: self.info.setText("compare cancelled"))
+        self.jobs.start("Compare", work, lambda out: current() and self._done(out),
+                        lambda msg: current() and self.info.setText(f"Compare failed: {msg}"),
+                        slot="compare", on_cancel=lambda: current() and self.info.setText("compare cancelled"))
 
     def _done(self, out) -> None:
         k = self.options["k"]

@@ -24,17 +24,33 @@ GRADCAM_FAMILY = ("gradcam", "gradcam++", "scorecam")
 
 
 def explain_module():
-    """``rsviewer.explain`` or the reason it cannot be used (a one-line string)."""
+    """``(rsviewer.explain, "")``, or ``(None, reason)`` when the engine is genuinely
+    missing (the module or one of its entry points is not there). Any other error
+    while importing it is a bug in the engine: it is logged with its traceback and
+    the reason says "failed to load", never "not available"."""
+    return engine_module("rsviewer.explain", ("explain", "available_methods"), "explain")
+
+
+def engine_module(name: str, entry_points: tuple[str, ...], what: str):
+    from ..errors import NotAvailable
+    from .workers import log, plain_message
+
     try:
-        mod = importlib.import_module("rsviewer.explain")
-        for name in ("explain", "available_methods"):
-            if not hasattr(mod, name):
-                return None, f"rsviewer.explain has no {name}() yet"
-        return mod, ""
-    except ImportError as e:
-        return None, f"the explain engine is not available yet ({e.name or e})"
-    except Exception as e:  # noqa: BLE001 - a half-built module must not break the app
-        return None, f"the explain engine failed to load ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        mod = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and (name == e.name or name.startswith(e.name + ".") or e.name.startswith(name)):
+            return None, f"the {what} engine is not available ({e.name} is not installed)"
+        log.error("importing %s failed", name, exc_info=True)
+        return None, f"the {what} engine failed to load ({plain_message(e)})"
+    except NotAvailable as e:
+        return None, f"the {what} engine is not available ({e})"
+    except Exception as e:  # noqa: BLE001 - a broken engine is shown as an error, not hidden
+        log.error("importing %s failed", name, exc_info=True)
+        return None, f"the {what} engine failed to load ({plain_message(e)})"
+    for attr in entry_points:
+        if not hasattr(mod, attr):
+            return None, f"the {what} engine is not available ({name} has no {attr}())"
+    return mod, ""
 
 
 class ImageLabel(QLabel):
@@ -234,9 +250,14 @@ def METHODS_LABEL(m: str) -> str:  # noqa: N802
 class DetailsPanel(QWidget):
     """Large image + metadata + explain panel; lives in the right dock."""
 
-    def __init__(self, jobs, parent=None):
+    status = Signal(str, bool)  # (one line, is it an error) for the window's status bar
+
+    def __init__(self, jobs, session=None, parent=None):
+        from .state import Session
+
         super().__init__(parent)
         self.jobs = jobs
+        self.session = session if session is not None else Session()  # selection and query live there
         self.model = None
         self.hit = None
         self.query_text: Optional[str] = None
@@ -275,16 +296,20 @@ class DetailsPanel(QWidget):
             self.panel.set_methods([], "No model loaded.")
             return
         if mod is None:
-            self.panel.set_methods([], f"Explanations: {reason}. Search still works; this panel fills in "
-                                       "when the engine is installed.")
+            self.panel.set_methods([], f"Explanations: {reason}. Search still works.")
             return
+        from ..errors import NotAvailable
+        from .workers import log, plain_message
+
         try:
             methods = list(mod.available_methods(model))
             layers = list(mod.gradcam_layer_names(model)) if hasattr(mod, "gradcam_layer_names") else []
-        except Exception as e:  # noqa: BLE001
-            from .workers import plain_message
-
-            self.panel.set_methods([], f"Explanations are not available for this model ({plain_message(e)}).")
+        except NotAvailable as e:
+            self.panel.set_methods([], f"Explanations are not available for this model ({e}).")
+            return
+        except Exception as e:  # noqa: BLE001 - a crashing engine is an error shown as such
+            log.error("listing explain methods failed", exc_info=True)
+            self.panel.set_methods([], f"Explanations failed: {plain_message(e)}")
             return
         self.panel.set_methods(methods, "" if methods else
                                f"{getattr(model, 'arch', 'this')} models offer no explanation methods.", layers)
@@ -309,26 +334,34 @@ class DetailsPanel(QWidget):
         self.image.set_rgb(None)
         self.image.setText("loading…")
         path = hit.path
+        ses = self.session
+        ticket = ses.begin("image", ses.selection_key())
 
         def load(progress, cancel):
-            from ..data import load_image
+            from .util import load_preview
 
-            im = load_image(path)
-            im.thumbnail((DISPLAY, DISPLAY), Image.BILINEAR)
-            return path, np.asarray(im.convert("RGB"))
+            return np.asarray(load_preview(path, DISPLAY).convert("RGB"))
 
-        self.jobs.start("load image", load, self._loaded, lambda msg: self.image.setText(msg), slot="details-image",
+        def failed(msg):
+            if ses.accepts(ticket, ses.selection_key()):
+                self.image.setText(f"cannot show this image: {msg}")
+
+        self.jobs.start("load image", load, lambda arr: self._loaded(ticket, arr), failed, slot="details-image",
                         quiet=True)
 
-    def _loaded(self, out) -> None:
-        path, arr = out
-        if self.hit is None or self.hit.path != path:
-            return
+    def _loaded(self, ticket, arr) -> None:
+        ses = self.session
+        if not ses.accepts(ticket, ses.selection_key()):
+            return  # the selection moved on
+        ses.end(ticket)
         self.image_rgb = arr
         self.render()
 
     # ---- explanations
     def clear_explanation(self) -> None:
+        if self.expl is not None or "computing" in self.panel.status.text() or "explained" in \
+                self.panel.status.text():
+            self.panel.status.setText("Select a result, pick a method and press Explain (Ctrl+E).")
         self.expl = None
         self.heat_display = None
         self.panel.save_button.setEnabled(False)
@@ -353,6 +386,8 @@ class DetailsPanel(QWidget):
             return
         layer = self.panel.layer.currentText() if (method in GRADCAM_FAMILY and self.panel.layer.count()) else None
         model, path, text, qimg = self.model, self.hit.path, self.query_text, self.query_image
+        ses = self.session
+        ticket = ses.begin("explain", ses.explain_key(method, layer))
 
         def work(progress, cancel):
             from ..data import load_image
@@ -364,13 +399,18 @@ class DetailsPanel(QWidget):
                                cancel=cancel, **kw)
 
         self.panel.status.setText(f"computing {METHODS_LABEL(method)}…")
-        self.jobs.start(f"Explain ({METHODS_LABEL(method)})", work, self._explained, self._explain_failed,
-                        slot="explain", on_cancel=lambda: self.panel.status.setText("explanation cancelled"))
+        def current():  # the explanation still belongs to what the dock shows
+            return ses.accepts(ticket, ses.explain_key(method, layer))
+
+        self.jobs.start(f"Explain ({METHODS_LABEL(method)})", work, lambda e: current() and self._explained(e),
+                        lambda msg: current() and self._explain_failed(msg), slot="explain",
+                        on_cancel=lambda: current() and self.panel.status.setText("explanation cancelled"))
 
     def _explain_failed(self, msg: str) -> None:
         self.panel.status.setText(f"Could not explain: {msg}")
 
     def _explained(self, expl) -> None:
+        self.session.jobs.pop("explain", None)
         self.expl = expl
         if self.image_rgb is None:
             self.image_rgb = np.asarray(expl.image.convert("RGB"))
@@ -417,14 +457,10 @@ class DetailsPanel(QWidget):
         path = Path(path)
         if self.expl is None:
             raise ValueError("no explanation to save")
-        try:
-            from rsviewer.explain.overlay import render_png
+        from rsviewer.explain.overlay import render_png
 
-            return Path(render_png(self.expl, path, cmap=self.panel.cmap.currentText(),
-                                   alpha=self.panel.opacity.value() / 100.0, contour=self.panel.contour.isChecked()))
-        except ImportError:
-            Image.fromarray(self.composite()).save(path)
-            return path
+        return Path(render_png(self.expl, path, cmap=self.panel.cmap.currentText(),
+                               alpha=self.panel.opacity.value() / 100.0, contour=self.panel.contour.isChecked()))
 
     def save_dialog(self) -> None:
         if self.expl is None:
@@ -432,10 +468,10 @@ class DetailsPanel(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Save explanation", f"explain-{self.expl.method}.png",
                                               "PNG (*.png)")
         if path:
-            try:
-                self.save_png(path)
-                self.panel.status.setText(f"saved {path}")
-            except Exception as e:  # noqa: BLE001
-                from .workers import plain_message
+            from .util import save_file
 
-                self.panel.status.setText(f"could not save: {plain_message(e)}")
+            def report(msg, error):
+                self.panel.status.setText(msg)
+                self.status.emit(msg, error)
+
+            save_file(self.save_png, path, report)

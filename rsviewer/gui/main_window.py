@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QM
                                QWidget)
 
 from ..data import is_image_file
+from ..errors import RsviewerError
 from . import state
 from .compare import CompareWidget, metrics_text
 from .details import DetailsPanel
@@ -18,8 +19,9 @@ from .map_view import MapWidget
 from .query_panel import QueryPanel
 from .results import ResultsGrid
 from .scene_view import SceneWidget
-from .util import remember
-from .workers import JobManager
+from .state import Query, Session
+from .util import remember, save_file, shutdown_thumbs
+from .workers import JobManager, log, plain_message
 
 TABS = ("results", "map", "scene", "compare")
 SHORTCUTS = [
@@ -45,22 +47,14 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.jobs = JobManager(self)
         self.jobs.message.connect(self.show_message)
-        self.model = None
-        self.index = None
-        self.model_spec = model
-        self.gallery_spec = gallery
-        self.query: Optional[tuple[str, str]] = None  # ("text", text) | ("image", path)
-        self.pending_query: Optional[tuple[str, str]] = None
-        self.last_result = None
-        self.last_gt = None
-        self.last_error = ""
-        self.map_filter: Optional[set[int]] = None
-        self.map_filter_desc = ""
+        self.session = Session(model, gallery)  # all session state lives there; widgets render it
+        self.stopped_cleanly = True
 
         # ---- widgets
         self.panel = QueryPanel()
         self.results = ResultsGrid()
         self.map = MapWidget(self.jobs)
+        self.map.status.connect(self.report)
         self.scene = SceneWidget(self.jobs)
         self.compare = CompareWidget(self.jobs)
         self.tabs = QTabWidget()
@@ -82,7 +76,7 @@ class MainWindow(QMainWindow):
         hl.addWidget(self.panel)
         hl.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
-        self.details = DetailsPanel(self.jobs)
+        self.details = DetailsPanel(self.jobs, self.session)
         self.dock = QDockWidget("Details and explanation", self)
         self.dock.setObjectName("detailsDock")
         self.dock.setWidget(self.details)
@@ -108,7 +102,8 @@ class MainWindow(QMainWindow):
         self.panel.model_chosen.connect(self.set_model)
         self.panel.gallery_chosen.connect(self.set_gallery)
         self.panel.options_changed.connect(self._rerun)
-        self.results.selected.connect(self.details.show_hit)
+        self.results.selected.connect(self.session.select)
+        self.session.events.connect("selection", self.details.show_hit)
         self.results.activated.connect(self._activate_hit)
         self.results.filter_cleared.connect(self._filter_cleared)
         self.compare.activated.connect(self._activate_hit)
@@ -119,7 +114,18 @@ class MainWindow(QMainWindow):
         self._menus()
         self._shortcuts()
         if start:
-            QTimer.singleShot(0, lambda: self.load(self.model_spec, self.gallery_spec))
+            QTimer.singleShot(0, lambda: self.load(self.session.model_spec, self.session.gallery_spec))
+
+    # read-only views of the session (scripts, tests, the screenshot driver)
+    model = property(lambda self: self.session.model)
+    index = property(lambda self: self.session.index)
+    query = property(lambda self: self.session.query)
+    last_result = property(lambda self: self.session.result)
+    last_gt = property(lambda self: self.session.gt)
+    last_error = property(lambda self: self.session.error)
+    map_filter = property(lambda self: self.session.map_filter)
+    model_spec = property(lambda self: self.session.model_spec)
+    gallery_spec = property(lambda self: self.session.gallery_spec)
 
     # ------------------------------------------------------------------ menus/keys
     def _menus(self) -> None:
@@ -200,20 +206,28 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ loading
     def load(self, model_spec: str, gallery_spec: Optional[str]) -> None:
         self.model_label.setText(f"model: loading {Path(str(model_spec)).name}…")
+        ticket = self.session.begin("load", (str(model_spec), gallery_spec))
 
         def work(progress, cancel):
             t0 = time.perf_counter()
             model = state.get_model(model_spec, progress=progress)
             index = state.open_gallery(gallery_spec, model, progress, cancel)
+            state.warm_up(progress)  # one-off imports off the GUI thread's first map
             return model, index, model_spec, gallery_spec, time.perf_counter() - t0
 
-        self.jobs.start("Loading model and gallery", work, self._loaded, self._load_failed, slot="load",
-                        on_cancel=lambda: self._load_failed("cancelled (the previous model and gallery stay)"))
+        # a newer load replaces this one (the job manager drops what it still reports);
+        # only the user's Cancel reaches on_cancel
+        self.jobs.start("Loading model and gallery", work, lambda out: self._loaded(ticket, out),
+                        lambda msg: self._load_failed(ticket, msg), slot="load",
+                        on_cancel=lambda: self._load_failed(ticket, "cancelled (the previous model and gallery "
+                                                                    "stay)"))
 
-    def _loaded(self, out) -> None:
+    def _loaded(self, ticket, out) -> None:
         model, index, model_spec, gallery_spec, secs = out
-        self.model, self.index = model, index
-        self.model_spec, self.gallery_spec = model_spec, gallery_spec
+        if not self.session.accepts(ticket, (str(model_spec), gallery_spec)):
+            return
+        self.session.end(ticket)
+        again = self.session.loaded(model, index, model_spec, gallery_spec)
         from ..utils.device import describe
 
         self.device_label.setText(f"device: {describe(model.device)}")
@@ -232,15 +246,11 @@ class MainWindow(QMainWindow):
         self.details.set_model(model)
         self.scene.set_model(model)
         self.map.set_index(index)
-        self._clear_map_filter()
         self.results.set_result(None, None, f"Ready: {len(index):,} images. Type a query or drop an image.")
-        self.last_result = None
         self.show_message(f"loaded {name} and {state.gallery_label(gallery_spec)} in {secs:.1f} s")
         self.ready.emit()
-        q = self.pending_query or self.query
-        self.pending_query = None
-        if q is not None:
-            self._run(q)
+        if again is not None:
+            self._run(again)
 
     def _model_info(self, model) -> str:
         from ..checkpoint import read_metrics
@@ -248,28 +258,37 @@ class MainWindow(QMainWindow):
         md = getattr(model, "model_dir", None)
         try:
             m = read_metrics(md) if md else {}
-        except Exception:  # noqa: BLE001
+        except (OSError, ValueError, RsviewerError):  # metrics are optional: the info line just omits them
             m = {}
-        val = m.get("val") or m.get("metrics") or {}
+        val = m.get("val") or m.get("metrics") or {} if isinstance(m, dict) else {}
         mr = val.get("mR") if isinstance(val, dict) else None
         extra = f" · val mR {mr:.1f}" if isinstance(mr, (int, float)) else ""
         return f"{getattr(model, 'name', model.arch)}: {model.arch}, {model.embed_dim}-d embeddings{extra}"
 
-    def _load_failed(self, msg: str) -> None:
+    def _load_failed(self, ticket, msg: str) -> None:
+        if self.session.jobs.get("load") is not ticket:
+            return
+        self.session.end(ticket)
         self.show_error(f"Could not open: {msg}")
-        if self.model is not None:  # keep working with what was loaded before
-            self.model_label.setText(f"model: {getattr(self.model, 'name', self.model.arch)} ({self.model.arch})")
-            self.panel.select_model(str(getattr(self.model, "model_dir", self.model_spec)))
-            if self.gallery_spec:
-                self.panel.select_gallery(self.gallery_spec)
+        model = self.session.model
+        if model is not None:  # keep working with what was loaded before
+            self.model_label.setText(f"model: {getattr(model, 'name', model.arch)} ({model.arch})")
+            self.panel.select_model(str(getattr(model, "model_dir", self.session.model_spec)))
+            if self.session.gallery_spec:
+                self.panel.select_gallery(self.session.gallery_spec)
         else:
             self.model_label.setText("model: not loaded")
 
+    def _wanted(self) -> tuple[str, Optional[str]]:
+        """(model, gallery) the user asked for last: the load in flight, else what is loaded."""
+        t = self.session.jobs.get("load")
+        return t.key if t is not None else (self.session.model_spec, self.session.gallery_spec)
+
     def set_model(self, spec: str) -> None:
-        self.load(spec, self.gallery_spec)
+        self.load(spec, self._wanted()[1])
 
     def set_gallery(self, spec: str) -> None:
-        self.load(self.model_spec, spec)
+        self.load(self._wanted()[0], spec)
 
     def _open_model_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Open model folder")
@@ -286,81 +305,102 @@ class MainWindow(QMainWindow):
         if not text:
             self.show_error("Type a query first (e.g. “many planes parked at the airport”).")
             return
-        self.panel.add_history(text)
-        self._run(("text", text))
+        self._run(Query("text", text))  # the history gets it once the engine accepted it
 
     def run_image(self, path: str) -> None:
-        self.panel.drop.show_image(path)
-        self._run(("image", str(path)))
+        self._run(Query("image", str(path)))
 
     def _map_text(self, text: str) -> None:
         self.panel.query.setEditText(text)
         self.run_text(text)
 
     def _rerun(self) -> None:
-        if self.query is not None and self.model is not None:
-            self._run(self.query)
+        self.session.set_options(self.panel.options())
+        if self.session.query is not None and self.session.ready():
+            self._run(self.session.query)
 
-    def _run(self, q: tuple[str, str]) -> None:
-        self.query = q
-        if self.model is None or self.index is None:
-            self.pending_query = q
+    def _run(self, q: Query) -> None:
+        q = Query(*q)
+        ses = self.session
+        ses.set_options(self.panel.options())
+        if q.kind == "image":
+            self.panel.drop.show_image(q.value)  # preview while it runs; restored if it fails
+        if not ses.ask(q):
             self.results.set_message("waiting for the model and gallery to load…")
             return
-        model, index = self.model, self.index
-        opts = self.panel.options()
+        model, index, opts = ses.model, ses.index, dict(ses.options)
         k = opts["k"]
-        if self.map_filter is not None:
+        if ses.map_filter is not None:
             k = min(len(index), max(k * 10, 500))  # search wider, then keep the selection
-        self.details.set_query(q[1] if q[0] == "text" else None, q[1] if q[0] == "image" else None)
-        self.compare.set_context(model, index, self.gallery_spec, q, opts)
+        ticket = ses.begin("search", ses.search_key(q))
 
         def work(progress, cancel):
             from ..retrieval.search import search_image, search_text
 
             t0 = time.perf_counter()
-            if q[0] == "text":
-                res = search_text(model, index, q[1], max(k, 10), rerank=opts["rerank"], labels=opts["labels"])
-                gt, qrow = state.text_ground_truth(index, q[1]), None
+            if q.kind == "text":
+                res = search_text(model, index, q.value, max(k, 10), rerank=opts["rerank"], labels=opts["labels"])
+                state.check_text_query(model, q.value)  # after the engine's own checks (length, empty)
+                gt, qrow = state.text_ground_truth(index, q.value), None
             else:
-                res = search_image(model, index, q[1], max(k, 10), labels=opts["labels"])
-                gt, qrow = state.image_ground_truth(index, q[1]), state.gallery_row_of(index, q[1])
-            return q, res, gt, qrow, time.perf_counter() - t0
+                res = search_image(model, index, q.value, max(k, 10), labels=opts["labels"])
+                gt, qrow = state.image_ground_truth(index, q.value), state.gallery_row_of(index, q.value)
+            return res, gt, qrow, time.perf_counter() - t0
 
         self.results.set_message("searching…")
-        self.jobs.start("Search", work, self._searched, self._search_failed, slot="search")
+        self.jobs.start("Search", work, lambda out: self._searched(ticket, q, out),
+                        lambda msg: self._search_failed(ticket, q, msg), slot="search",
+                        on_cancel=lambda: self._search_failed(ticket, q, "cancelled"))
+
+    def _searched(self, ticket, q: Query, out) -> None:
+        ses = self.session
+        if not ses.accepts(ticket, ses.search_key(q)):
+            return  # computed for another model, gallery, query or options: dropped
+        ses.end(ticket)
+        res, gt, qrow, secs = out
+        ses.search_succeeded(q, res, gt, qrow)
+        if q.kind == "text":
+            self.panel.add_history(q.value)
+        self.details.set_query(q.value if q.kind == "text" else None, q.value if q.kind == "image" else None)
+        self.compare.set_context(ses.model, ses.index, ses.gallery_spec, q, ses.options)
+        self._render_results()
+        self.time_label.setText(f"last query: {sum(res.seconds.values()):.0f} ms")
+        self.map.show_query([h.row for h in res.hits[:10]], [h.score for h in res.hits[:10]], q.short)
+        self.searched.emit(res)
         if self.tabs.currentWidget() is self.compare:
             self.compare.run()
 
-    def _searched(self, out) -> None:
-        q, res, gt, qrow, secs = out
-        if q != self.query:
-            return  # superseded
-        self.last_result, self.last_gt, self.last_error = res, gt, ""
-        rows = [h.row for h in res.hits]
-        scores = [h.score for h in res.hits]
-        k = self.panel.options()["k"]
-        metrics = f" · {metrics_text(rows, gt, qrow)}" if gt is not None else ""
-        full_hits = list(res.hits)
-        if self.map_filter is None:
-            res.hits = res.hits[:k]
-        what = f"“{q[1]}”" if q[0] == "text" else Path(q[1]).name
+    def _render_results(self) -> None:
+        """Draw the session's result: the top K (inside the map selection if there is one)."""
+        ses = self.session
+        res, q = ses.result, ses.query
+        if res is None or q is None:
+            return
+        hits = ses.visible_hits()
+        metrics = f" · {metrics_text([h.row for h in res.hits], ses.gt, ses.qrow)}" if ses.gt is not None else ""
         rr = f", rerank {res.rerank}" if res.rerank != "none" else ""
-        header = f"{res.mode} {what}: top {min(k, len(res.hits))} of {res.n_gallery:,} images{rr}{metrics}"
-        self.results.set_result(res, gt, header)
-        if gt is not None:
-            self.results.header.setToolTip(gt.rule)
-        if self.map_filter is not None:
-            self._apply_map_filter()
-        ms = sum(res.seconds.values())
-        self.time_label.setText(f"last query: {ms:.0f} ms")
-        self.map.show_query([h.row for h in full_hits[:10]], scores[:10], q[1] if q[0] == "text" else Path(q[1]).name)
-        self.searched.emit(res)
+        header = f"{res.mode} {q.label}: top {len(hits)} of {res.n_gallery:,} images{rr}{metrics}"
+        self.results.set_result(res, ses.gt, header, hits=hits)
+        self.results.header.setToolTip(ses.gt.rule if ses.gt is not None else "")
+        if ses.map_filter is not None:
+            self.results.show_banner(f"{ses.map_filter_desc} — showing results inside it (top {ses.options['k']})")
+        else:
+            self.results.show_banner(None)
+        if q.kind == "image":
+            self.panel.drop.show_image(q.value)
 
-    def _search_failed(self, msg: str) -> None:
-        self.last_error = msg
-        self.results.set_message(f"Search failed: {msg}", error=True)
+    def _search_failed(self, ticket, q: Query, msg: str) -> None:
+        ses = self.session
+        if ses.jobs.get("search") is not ticket:
+            return
+        ses.end(ticket)
+        ses.search_failed(q, msg)
+        prev = ses.query
+        keep = f" — still showing the results for {prev.label}" if prev is not None and ses.result is not None else ""
+        self.results.set_message(f"Search failed: {msg}{keep}", error=True)
         self.show_message(f"Search failed: {msg}")
+        # the drop zone shows the query whose results are on screen
+        self.panel.drop.show_image(prev.value if prev is not None and prev.kind == "image" else None)
 
     def show_eval_query(self, kind: str, value: str, switch: bool = False) -> None:
         """Evaluate tab → run its query in the Results tab, where the ground truth is marked."""
@@ -371,53 +411,50 @@ class MainWindow(QMainWindow):
     def _activate_hit(self, hit) -> None:
         self.dock.show()
         self.dock.raise_()
-        self.details.show_hit(hit)
+        self.session.select(hit)
 
     # ------------------------------------------------------------------ map selection
     def _map_selection(self, rows, desc: str) -> None:
-        self.map_filter, self.map_filter_desc = rows, desc
-        if rows is None:
-            self._clear_map_filter()
+        ses = self.session
+        if rows is not None and not rows:
+            self.show_message("the lasso selected no images: selection cleared")
+            self.map.clear_selection()
+        had = ses.map_filter is not None
+        ses.set_map_filter(rows, desc)
+        if ses.map_filter is None:
+            self.results.show_banner(None)
+            if ses.result is not None:
+                self._render_results()  # back to the top K of the current query
+            elif had:
+                self.results.set_result(None, None, "Type a query or drop an image.")
             return
-        if self.query is not None:
-            self._run(self.query)  # search wider so the selection has results
+        if ses.query is not None:
+            self._run(ses.query)  # search wider so the selection has results
         else:
             self._show_selection_only()
-
-    def _apply_map_filter(self) -> None:
-        k = self.panel.options()["k"]
-        self.results.set_filter(self.map_filter, f"{self.map_filter_desc} — showing results inside it (top {k})")
-        hits = self.results.model.hits[:k]
-        self.results.model.beginResetModel()
-        self.results.model.hits = hits
-        self.results.model.endResetModel()
 
     def _show_selection_only(self) -> None:
         from ..retrieval.search import Hit, SearchResult
 
-        rows = sorted(self.map_filter)[:500]
+        index = self.session.index
+        rows = sorted(self.session.map_filter)[:500]
         hits = []
         for i, r in enumerate(rows):
-            it = self.index.items[r]
+            it = index.items[r]
             hits.append(Hit(i + 1, r, 0.0, it["id"], it["path"], it.get("label"), list(it.get("captions", []))))
-        res = SearchResult("map selection", "selection", hits, {}, "none", len(self.index))
-        self.results.set_result(res, None, f"{self.map_filter_desc} (no query yet: all selected images)")
-        self.results.set_filter(self.map_filter, self.map_filter_desc)
+        res = SearchResult("map selection", "selection", hits, {}, "none", len(index))
+        self.results.set_result(res, None, f"{self.session.map_filter_desc} (no query yet: all selected images)")
+        self.results.show_banner(self.session.map_filter_desc)
 
     def _filter_cleared(self) -> None:
-        self.map_filter = None
         self.map.clear_selection()
-        if self.query is not None:
-            self._run(self.query)
-
-    def _clear_map_filter(self) -> None:
-        self.map_filter = None
-        self.results.set_filter(None)
+        self._map_selection(None, "")
 
     def _tab_changed(self, i: int) -> None:
-        if self.tabs.widget(i) is self.compare and self.query is not None and self.model is not None:
+        ses = self.session
+        if self.tabs.widget(i) is self.compare and ses.query is not None and ses.ready():
             if not self.jobs.busy("compare"):
-                self.compare.set_context(self.model, self.index, self.gallery_spec, self.query, self.panel.options())
+                self.compare.set_context(ses.model, ses.index, ses.gallery_spec, ses.query, ses.options)
                 self.compare.run()
 
     # ------------------------------------------------------------------ drops
@@ -435,49 +472,76 @@ class MainWindow(QMainWindow):
             e.acceptProposedAction()
 
     def handle_drop(self, mime: QMimeData) -> str:
-        """Route dropped files: image → query (or scene on the Scene tab), dataset/folder/index → gallery."""
-        paths = [Path(u.toLocalFile()) for u in mime.urls() if u.isLocalFile()]
+        """Route dropped files: image → query (or scene on the Scene tab), dataset/folder/index → gallery,
+        anno.json → the scene's annotations. Anything else: one line, the session unchanged."""
+        urls = list(mime.urls())
+        paths = [Path(u.toLocalFile()) for u in urls if u.isLocalFile()]
         if not paths:
+            if urls:
+                self.show_error(f"{urls[0].toString()[:80]}: web addresses are not supported; download the file "
+                                "and drop it from disk")
             return ""
         p = paths[0]
+        note = f" ({len(paths)} files dropped: using {p.name}, one at a time)" if len(paths) > 1 else ""
+        kind = self._route_drop(p)
+        if note and kind:
+            self.show_message(f"{kind}: {p.name}{note}")
+        return kind
+
+    def _route_drop(self, p: Path) -> str:
+        on_scene = self.tabs.currentWidget() is self.scene
+        if not p.exists():
+            self.show_error(f"{p.name}: no such file")
+            return ""
         if p.is_dir():
             self.set_gallery(str(p))
             return "gallery"
         if is_image_file(p):
-            if self.tabs.currentWidget() is self.scene:
+            if on_scene:
                 self.scene.open_scene(p)
                 return "scene"
-            self.tabs.setCurrentWidget(self.results) if self.tabs.currentWidget() is not self.compare else None
+            if self.tabs.currentWidget() is not self.compare:
+                self.tabs.setCurrentWidget(self.results)
             self.run_image(str(p))
             return "image"
         if p.suffix.lower() in (".json", ".csv"):
-            if p.name == "anno.json" or (self.tabs.currentWidget() is self.scene and "anno" in p.name):
-                self.scene.load_anno(p)
-                return "anno"
+            if p.name == "anno.json" or (on_scene and "anno" in p.name):
+                return "anno" if self.open_anno(p) else ""
             self.set_gallery(str(p))
             return "gallery"
         self.show_error(f"{p.name}: drop an image, a dataset JSON/CSV, an image folder or an index folder")
         return ""
 
+    def open_anno(self, path: Path) -> bool:
+        """Load a SeLo anno.json for the scene; a malformed file is one line, the old annotations stay."""
+        old = list(self.scene.anno)
+        try:
+            self.scene.load_anno(path)
+        except Exception as e:  # noqa: BLE001 - any parse/shape error of a user's file is reported, not raised
+            if not isinstance(e, (RsviewerError, OSError, ValueError)):
+                log.warning("reading %s failed", path, exc_info=True)
+            self.scene.anno = old
+            self.show_error(f"Could not read the annotations {Path(path).name}: {plain_message(e)}")
+            return False
+        return True
+
     # ------------------------------------------------------------------ saving
     def save_current(self) -> None:
         w = self.tabs.currentWidget()
-        try:
-            if w is self.map:
-                if self.map.proj is not None:
-                    self.map._save_png_dialog()
-            elif w is self.scene:
-                if self.scene.result is not None:
+        if w is self.map:
+            if self.map.proj is not None:
+                self.map._save_png_dialog()
+        elif w is self.scene:
+            if self.scene.result is not None:
+                try:
                     self.scene._save_dialog()
-            elif self.details.expl is not None and self.dock.isVisible() and self.details.isAncestorOf(
-                    self.focusWidget() or self):
-                self.details.save_dialog()
-            else:
-                self._export_results_dialog()
-        except Exception as e:  # noqa: BLE001
-            from .workers import plain_message
-
-            self.show_error(f"could not save: {plain_message(e)}")
+                except Exception as e:  # noqa: BLE001 - scene_view writes itself; report, never raise
+                    self.show_error(f"could not save: {plain_message(e)}")
+        elif self.details.expl is not None and self.dock.isVisible() and self.details.isAncestorOf(
+                self.focusWidget() or self):
+            self.details.save_dialog()
+        else:
+            self._export_results_dialog()
 
     def _export_results_dialog(self) -> None:
         grid = self.compare.grid_a if self.tabs.currentWidget() is self.compare else self.results
@@ -486,20 +550,24 @@ class MainWindow(QMainWindow):
             return
         path, _ = QFileDialog.getSaveFileName(self, "Export results", "results.csv", "CSV (*.csv);;JSON (*.json)")
         if path:
-            grid.export(path)
-            self.show_message(f"saved {path}")
+            save_file(grid.export, path, self.report)
 
     # ------------------------------------------------------------------ messages
     def show_message(self, msg: str) -> None:
         self.statusBar().showMessage(msg, 15000)
 
     def show_error(self, msg: str) -> None:
-        self.last_error = msg
+        self.session.fail(msg)
         self.statusBar().showMessage(msg, 30000)
-        if self.last_result is None:
+        if self.session.result is None:
             self.results.set_message(msg, error=True)
 
+    def report(self, msg: str, error: bool = False) -> None:
+        """Status-line reporter handed to widgets and to :func:`util.save_file`."""
+        (self.show_error if error else self.show_message)(msg)
+
     def closeEvent(self, e):  # noqa: N802
-        self.jobs.cancel()
-        self.jobs.wait_all(3000)
+        # cancel everything, wait briefly; a job that cannot stop (a model being read)
+        # is left to the process exit (run_app), its late result is never applied
+        self.stopped_cleanly = self.jobs.shutdown(300) and shutdown_thumbs(200)
         super().closeEvent(e)

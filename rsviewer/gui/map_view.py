@@ -229,7 +229,8 @@ class HoverCard(QFrame):
 class MapWidget(QWidget):
     query_image = Signal(str)  # click on an image point
     query_text = Signal(str)  # click on a caption point
-    selection_changed = Signal(object, str)  # set of image rows (or None), description
+    selection_changed = Signal(object, str)  # set of image rows (empty: nothing inside; None: cleared), description
+    status = Signal(str, bool)  # (one line, is it an error) for the window's status bar
 
     def __init__(self, jobs, parent=None):
         super().__init__(parent)
@@ -325,6 +326,7 @@ class MapWidget(QWidget):
     # ---- data
     def set_index(self, index) -> None:
         self.index = index
+        self._map_key = None
         self.proj = None
         self.points.set_layers([], np.zeros((1, 3), np.uint8))
         self.hits_item.clear()
@@ -343,23 +345,25 @@ class MapWidget(QWidget):
     def compute(self, method: Optional[str] = None) -> None:
         if self.index is None:
             return
-        from ..project import project_index
-
         index = self.index
         method = method or self.method.currentData()
         n = self.max_points.value()
+        key = (id(index), method, n)
+        self._map_key = key  # a newer map (or another gallery) makes this one's result stale
         self.info.setText(f"computing {METHOD_LABELS.get(method, method)} map…")
-        self.jobs.start(f"Map ({METHOD_LABELS.get(method, method)})",
-                        lambda progress, cancel: (index, project_index(index, method, max_points=n, progress=progress,
-                                                                       cancel=cancel)),
-                        self._computed, lambda msg: self.info.setText(f"Map failed: {msg}"), slot="map",
-                        on_cancel=lambda: self.info.setText("map cancelled"))
 
-    def _computed(self, out) -> None:
-        index, proj = out
-        if index is not self.index:
-            return
-        self.set_projection(proj)
+        def work(progress, cancel):
+            from ..project import project_index
+
+            return project_index(index, method, max_points=n, progress=progress, cancel=cancel)
+
+        def current():
+            return self._map_key == key and self.index is index
+
+        self.jobs.start(f"Map ({METHOD_LABELS.get(method, method)})", work,
+                        lambda proj: current() and self.set_projection(proj),
+                        lambda msg: current() and self.info.setText(f"Map failed: {msg}"), slot="map",
+                        on_cancel=lambda: current() and self.info.setText("map cancelled"))
 
     def set_projection(self, proj) -> None:
         index = self.index
@@ -509,7 +513,7 @@ class MapWidget(QWidget):
         self.sel_item.setData(pos=self.proj.xy[mask])
         n_pts = int(mask.sum())
         desc = f"Map selection: {n_pts:,} points → {len(rows):,} images"
-        self.selection_changed.emit(rows if rows else None, desc)
+        self.selection_changed.emit(rows, desc)
         self.lasso_button.setChecked(False)
         return rows
 
@@ -518,24 +522,33 @@ class MapWidget(QWidget):
 
     # ---- export
     def save_png(self, path) -> Path:
-        path = Path(path)
+        from PIL import Image
+
+        from ..utils.atomic import save_image
+        from .util import qimage_to_rgb
+
         self.card.hide()
-        if not self.plot.grab().save(str(path)):
-            raise OSError(f"could not write {path}")
-        return path
+        return save_image(Image.fromarray(qimage_to_rgb(self.plot.grab().toImage())), path)
 
     def save_csv(self, path) -> Path:
         return write_csv(self.proj, self.index, path)
 
+    def _report(self, msg: str, error: bool) -> None:
+        self.status.emit(msg, error)
+
     def _save_png_dialog(self) -> None:
+        from .util import save_file
+
         path, _ = QFileDialog.getSaveFileName(self, "Save map", "map.png", "PNG (*.png)")
         if path:
-            self.save_png(path)
+            save_file(self.save_png, path, self._report)
 
     def _save_csv_dialog(self) -> None:
+        from .util import save_file
+
         path, _ = QFileDialog.getSaveFileName(self, "Export map points", "map.csv", "CSV (*.csv)")
         if path:
-            self.save_csv(path)
+            save_file(self.save_csv, path, self._report)
 
 
 def QApplication_mouse_down() -> bool:  # noqa: N802

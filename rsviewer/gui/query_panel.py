@@ -5,13 +5,12 @@ from pathlib import Path
 from typing import Optional
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QPixmap
 from PySide6.QtWidgets import (QComboBox, QCompleter, QFileDialog, QFormLayout, QFrame, QGroupBox,
                                QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..data import IMAGE_EXTENSIONS
 from . import state
-from .util import recent, remember
+from .util import ThumbCache, recent, remember
 
 OPEN = "__open__"
 IMAGE_FILTER = "Images (" + " ".join(f"*{e}" for e in sorted(IMAGE_EXTENSIONS)) + ")"
@@ -40,16 +39,38 @@ class DropZone(QFrame):
         lay.addWidget(self.text)
         lay.addWidget(b, 0, Qt.AlignCenter)
         self.preview.setVisible(False)
+        self.path: Optional[str] = None
+        self.cache = ThumbCache(size=220, parent=self, limit=32)
+        self.cache.updated.connect(self._preview_ready)
+
+    HINT = "Drop an aerial image anywhere\nin the window to search with it"
 
     def show_image(self, path: Optional[str]) -> None:
-        pm = QPixmap(str(path)) if path else QPixmap()
-        if pm.isNull():
+        """Preview ``path`` (decoded at display size in a worker; a placeholder meanwhile)."""
+        self.path = str(path) if path else None
+        if self.path is None:
+            self.preview.clear()
             self.preview.setVisible(False)
-            self.text.setText("Drop an aerial image anywhere\nin the window to search with it")
+            self.text.setText(self.HINT)
             return
-        self.preview.setPixmap(pm.scaled(200, 110, Qt.KeepAspectRatio, Qt.SmoothTransformation))
+        self.text.setText(Path(self.path).name)
         self.preview.setVisible(True)
-        self.text.setText(Path(path).name)
+        pm = self.cache.get(self.path)
+        if pm is None:
+            self.preview.clear()
+            failed = self.cache.failed.get(self.path)
+            self.preview.setText(f"no preview: {failed}" if failed else "loading preview…")
+            self.preview.setWordWrap(True)
+        else:
+            self.preview.setPixmap(pm.scaled(200, 110, Qt.KeepAspectRatio, Qt.SmoothTransformation))
+
+    def _preview_ready(self, path: str) -> None:
+        if path == self.path:
+            self.show_image(path)
+
+    def has_preview(self) -> bool:
+        pm = self.preview.pixmap()
+        return self.preview.isVisible() and pm is not None and not pm.isNull()
 
     def set_hover(self, on: bool) -> None:
         self.setProperty("hover", "true" if on else "false")

@@ -87,6 +87,7 @@ class ResultDelegate(QStyledItemDelegate):
         super().__init__(parent)
         self.model = model
         self.thumb = thumb
+        self._elided: dict[tuple, str] = {}
 
     def sizeHint(self, option, index) -> QSize:  # noqa: N802
         return QSize(self.thumb + CELL_W - THUMB, self.thumb + CELL_H - THUMB)
@@ -167,7 +168,13 @@ class ResultDelegate(QStyledItemDelegate):
         cap = h.text or (h.captions[0] if h.captions else h.id)
         cap_rect = QRect(r.x() + 6, y + fm2.height() + 2, r.width() - 12, 2 * fm2.height() + 2)
         p.setPen(QColor(theme.TEXT))
-        p.drawText(cap_rect, Qt.AlignLeft | Qt.AlignTop, _elide_lines(cap, fm2, cap_rect.width(), 2))
+        key = (cap, cap_rect.width(), f2.pointSizeF())
+        lines = self._elided.get(key)
+        if lines is None:  # word wrapping is the costly part of a repaint: once per caption
+            if len(self._elided) > 5000:
+                self._elided.clear()
+            lines = self._elided[key] = _elide_lines(cap, fm2, cap_rect.width(), 2)
+        p.drawText(cap_rect, Qt.AlignLeft | Qt.AlignTop, lines)
         p.restore()
 
 
@@ -237,12 +244,18 @@ class ResultsGrid(QWidget):
         lay.addWidget(self.view, 1)
 
     # -- content
-    def set_result(self, result, gt=None, header: str = "") -> None:
+    def set_result(self, result, gt=None, header: str = "", hits=None) -> None:
+        """Show ``hits`` (default: all of ``result.hits``) under ``header``; the first is selected."""
         self.result = result
-        self.model.set_hits(result.hits if result is not None else [], gt)
-        self.header.setText(header)
+        self.model.set_hits(hits if hits is not None else (result.hits if result is not None else []), gt)
+        self.set_message(header)
         if self.model.rowCount():
             self.view.setCurrentIndex(self.model.index(0))
+
+    def show_banner(self, description: Optional[str]) -> None:
+        """The "map selection" banner (the rows are filtered by whoever passes the hits)."""
+        self.banner.setVisible(description is not None)
+        self.banner_label.setText(description or "")
 
     def set_message(self, text: str, error: bool = False) -> None:
         self.header.setText(text)

@@ -8,7 +8,6 @@ fine for scenes up to a few thousand pixels) and localization says it is unavail
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections import OrderedDict
@@ -33,16 +32,11 @@ WINDOW_PRESETS = {"256, 512, 768 px (SeLo)": (256, 512, 768), "128, 256 px": (12
 
 
 def localize_module():
-    try:
-        mod = importlib.import_module("rsviewer.localize")
-        for name in ("open_scene", "localize"):
-            if not hasattr(mod, name):
-                return None, f"rsviewer.localize has no {name}() yet"
-        return mod, ""
-    except ImportError as e:
-        return None, f"the localize engine is not available yet ({e.name or e})"
-    except Exception as e:  # noqa: BLE001
-        return None, f"the localize engine failed to load ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    """``(rsviewer.localize, "")`` or ``(None, reason)`` when it is genuinely missing;
+    an engine that fails to import is reported as failing (and logged), not as missing."""
+    from .details import engine_module
+
+    return engine_module("rsviewer.localize", ("open_scene", "localize"), "localize")
 
 
 class PillowScene:

@@ -15,7 +15,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -196,3 +196,242 @@ def precision_at(hit_rows: list[int], gt: GroundTruth, ks=(1, 5, 10), exclude: O
     g = set(int(r) for r in gt.rows)
     rows = [r for r in hit_rows if r != exclude]
     return {f"P@{k}": 100.0 * sum(r in g for r in rows[:k]) / k for k in ks if len(rows) >= 1}
+
+
+# ---------------------------------------------------------------------- queries
+
+
+class Query(NamedTuple):
+    kind: str  # "text" | "image"
+    value: str  # the text, or the image path
+
+    @property
+    def label(self) -> str:
+        return f"“{self.value}”" if self.kind == "text" else Path(self.value).name
+
+    @property
+    def short(self) -> str:
+        return self.value if self.kind == "text" else Path(self.value).name
+
+
+def _text_tokenizer(model):
+    """The model's text tokenizer: a Hugging Face tokenizer or rsviewer's word ``Vocab``."""
+    vocab = getattr(model, "vocab", None)
+    if vocab is not None and hasattr(vocab, "stoi"):
+        return vocab
+    for _, mod in getattr(model, "named_modules", lambda: [])():
+        tok = getattr(mod, "tokenizer", None)
+        if tok is not None and hasattr(tok, "unk_token_id"):
+            return tok
+    return None
+
+
+def unknown_words(model, text: str) -> Optional[tuple[int, int]]:
+    """``(tokens, unknown tokens)`` of ``text`` for this model, or None when the
+    model's tokenizer cannot be inspected. All-unknown text (emoji, another script)
+    encodes to the same vector whatever it says, so its results mean nothing."""
+    tok = _text_tokenizer(model)
+    if tok is None:
+        return None
+    if hasattr(tok, "stoi"):  # rsviewer Vocab: 1 is <unk>
+        from ..archs.galr.vocab import split_words
+
+        ids = [tok.stoi.get(w, 1) for w in split_words(text)]
+        return len(ids), sum(i == 1 for i in ids)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return len(ids), sum(i == tok.unk_token_id for i in ids)
+
+
+def check_text_query(model, text: str) -> None:
+    """Refuse a text query the model cannot read (every token unknown)."""
+    from ..errors import QueryError
+
+    counts = unknown_words(model, text)
+    if counts is not None and counts[0] > 0 and counts[1] == counts[0]:
+        raise QueryError(f"none of the words in “{text[:40]}” are known to this model (all [UNK]): "
+                         "every such query gives the same arbitrary results; use plain English words")
+
+
+# ---------------------------------------------------------------------- the session model
+
+
+class Events:
+    """Plain-Python events: ``connect(name, fn)``, ``emit(name, *args)`` (no Qt)."""
+
+    def __init__(self):
+        self._handlers: dict[str, list] = {}
+
+    def connect(self, name: str, fn) -> None:
+        self._handlers.setdefault(name, []).append(fn)
+
+    def emit(self, name: str, *args) -> None:
+        for fn in list(self._handlers.get(name, [])):
+            fn(*args)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A job in flight: its kind and the identity of what it computes."""
+
+    kind: str
+    key: tuple
+    serial: int
+
+
+class Session:
+    """The app's session state, owned here and nowhere else (napari's model/view split).
+
+    Widgets render it and send intents; background jobs are registered with
+    :meth:`begin` and their result is applied only if :meth:`accepts` says the ticket
+    is still the newest of its kind *and* its identity still matches what the user is
+    looking at (model, gallery, query, options, selection, map parameters). Anything
+    else is dropped silently. A failed query never becomes :attr:`query`.
+
+    Events (``session.events.connect(name, fn)``): ``model`` (model and gallery
+    loaded), ``result`` (a query's result, or None when it was cleared), ``selection``,
+    ``map_filter``, ``error`` (a one-line message).
+    """
+
+    def __init__(self, model_spec: str = "default", gallery_spec: Optional[str] = None):
+        self.events = Events()
+        self.model = None
+        self.index: Optional[GalleryIndex] = None
+        self.model_spec = model_spec
+        self.gallery_spec = gallery_spec
+        self.query: Optional[Query] = None  # the query whose result is shown; never a failed one
+        self.pending: Optional[Query] = None  # asked for before a model and gallery were loaded
+        self.result = None  # SearchResult of ``query`` (all the hits fetched, possibly > K)
+        self.gt: Optional[GroundTruth] = None
+        self.qrow: Optional[int] = None
+        self.options: dict = {"k": 20, "rerank": "none", "labels": None}
+        self.selection = None  # the selected Hit
+        self.map_filter: Optional[frozenset[int]] = None
+        self.map_filter_desc = ""
+        self.error = ""
+        self.jobs: dict[str, Ticket] = {}  # kind → the newest job of that kind
+        self._serial = 0
+
+    # ---- jobs ------------------------------------------------------------------
+    def begin(self, kind: str, key: tuple) -> Ticket:
+        """Register a job; the previous one of ``kind`` is replaced (its result will be dropped)."""
+        self._serial += 1
+        t = Ticket(kind, key, self._serial)
+        self.jobs[kind] = t
+        return t
+
+    def accepts(self, ticket: Ticket, current_key: tuple) -> bool:
+        """True if ``ticket`` is the newest job of its kind and still computes ``current_key``."""
+        return self.jobs.get(ticket.kind) is ticket and ticket.key == current_key
+
+    def end(self, ticket: Ticket) -> None:
+        if self.jobs.get(ticket.kind) is ticket:
+            del self.jobs[ticket.kind]
+
+    def in_flight(self) -> list[str]:
+        return sorted(self.jobs)
+
+    # ---- identities ------------------------------------------------------------
+    def _context(self) -> tuple:
+        return (id(self.model), id(self.index))
+
+    def search_key(self, q: Query) -> tuple:
+        o = self.options
+        return (*self._context(), q, o["k"], o["rerank"], tuple(o["labels"] or ()), self.map_filter is not None)
+
+    def selection_key(self) -> tuple:
+        sel = self.selection
+        return (*self._context(), self.query, sel.row if sel is not None else None,
+                sel.path if sel is not None else None)
+
+    def explain_key(self, method: str, layer: Optional[str]) -> tuple:
+        return (*self.selection_key(), method, layer)
+
+    def map_key(self, method: str, n: int) -> tuple:
+        return (id(self.index), method, n)
+
+    # ---- intents ---------------------------------------------------------------
+    def loaded(self, model, index, model_spec: str, gallery_spec: Optional[str]) -> Optional[Query]:
+        """A model and gallery are in: clear what belonged to the old ones; returns the
+        query to run again (the current one, or the one asked for while loading)."""
+        self.model, self.index = model, index
+        self.model_spec, self.gallery_spec = model_spec, gallery_spec
+        self.result, self.gt, self.qrow = None, None, None
+        self.selection = None
+        self.map_filter, self.map_filter_desc = None, ""
+        self.error = ""
+        again = self.pending or self.query
+        self.pending = None
+        self.events.emit("model")
+        self.events.emit("result", None)
+        self.events.emit("selection", None)
+        return again
+
+    def ready(self) -> bool:
+        return self.model is not None and self.index is not None
+
+    def ask(self, q: Query) -> bool:
+        """A query is asked for: True if it can run now, else it waits for the load."""
+        if not self.ready():
+            self.pending = q
+            return False
+        return True
+
+    def search_succeeded(self, q: Query, result, gt, qrow) -> None:
+        self.query, self.result, self.gt, self.qrow = q, result, gt, qrow
+        self.error = ""
+        self.events.emit("result", result)
+
+    def search_failed(self, q: Query, message: str) -> None:
+        """The query stays what it was: the shown result is still the previous query's."""
+        if self.pending == q:
+            self.pending = None
+        self.fail(message)
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self.events.emit("error", message)
+
+    def select(self, hit) -> None:
+        self.selection = hit
+        self.events.emit("selection", hit)
+
+    def set_options(self, options: dict) -> None:
+        self.options = dict(options)
+
+    def set_map_filter(self, rows, desc: str = "") -> None:
+        """Restrict the results to these image rows; None or an empty set clears it."""
+        self.map_filter = frozenset(rows) if rows else None
+        self.map_filter_desc = desc if rows else ""
+        self.events.emit("map_filter", self.map_filter)
+
+    def visible_hits(self) -> list:
+        """The hits the results grid shows: the top K, inside the map selection if any."""
+        if self.result is None:
+            return []
+        hits = list(self.result.hits)
+        if self.map_filter is not None:
+            hits = [h for h in hits if h.row in self.map_filter]
+        return hits[: self.options["k"]]
+
+
+_warmed = threading.Event()
+
+
+def warm_up(progress=None) -> None:
+    """Import the embedding map's heavy libraries once, in the first load's worker.
+
+    Importing scikit-learn / openTSNE holds the GIL for up to a second while their
+    extension modules initialise; done on the first map it froze the GUI thread,
+    done here it happens while the window says "loading" anyway."""
+    if _warmed.is_set():
+        return
+    _warmed.set()
+    import importlib
+
+    if progress:
+        progress(0, 0, "preparing the embedding map")
+    for name in ("sklearn.decomposition", "sklearn.neighbors", "openTSNE"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # optional: the map lists only the methods it has
+            pass

@@ -105,15 +105,67 @@ class _ThumbJob(QRunnable):
         self.path, self.size, self.signals = path, size, signals
 
     def run(self) -> None:
-        from ..data import load_image
         from .workers import plain_message
 
         try:
-            im = load_image(self.path)
-            im.thumbnail((self.size, self.size), Image.BILINEAR)
-            self.signals.ready.emit(self.path, pil_to_qimage(im))
-        except Exception as e:  # noqa: BLE001
+            self.signals.ready.emit(self.path, pil_to_qimage(load_preview(self.path, self.size)))
+        except Exception as e:  # noqa: BLE001 - an unreadable file is a "no preview" line, never a crash
             self.signals.failed.emit(self.path, plain_message(e))
+
+
+def load_preview(path, side: int) -> Image.Image:
+    """An RGB image whose longest side is at most ``side``, decoded as cheaply as the
+    format allows: JPEG at 1/2, 1/4 or 1/8 scale (``draft``); 8-bit RGB/L PNG, BMP, WebP…
+    decoded then ``reduce``d in place (no full-size copy: copying holds the GIL and
+    would stall the GUI thread); anything else (16-bit, TIFF, EXIF-rotated, alpha)
+    through ``load_image``. No full-resolution QImage is ever made, so images past
+    Qt's 256 MB image limit preview too. For worker threads."""
+    import warnings
+
+
+    from ..data import load_image
+    from ..data.images import max_pixels
+
+    im = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked against our own limit below
+        try:
+            src = Image.open(path)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            src = None  # load_image says why, in one line
+        if src is not None:
+            with src:
+                w, h = src.size
+                plain = src.mode in ("RGB", "L") and w * h <= max_pixels() and \
+                    "transparency" not in src.info and src.getexif().get(0x0112, 1) == 1
+                if plain and src.format == "JPEG":
+                    src.draft(src.mode, (side, side))
+                if plain:
+                    src.load()
+                    factor = max(1, min(src.width, src.height) // max(1, side))
+                    im = (src.reduce(factor) if factor > 1 else src.copy()).convert("RGB")
+    if im is None:
+        im = load_image(path)  # applies EXIF rotation, alpha, 16-bit stretch
+        factor = max(1, min(im.width, im.height) // max(1, side))
+        if factor > 1:
+            im = im.reduce(factor)
+    im.thumbnail((side, side), Image.BILINEAR)
+    return im
+
+
+def save_file(write, path, report) -> Optional[Path]:
+    """The GUI's one way to write a file: ``write(path)`` writes it (atomically);
+    success and every failure (OSError, a user error) go to ``report(line, error)``."""
+    from ..errors import RsviewerError
+    from .workers import plain_message
+
+    try:
+        out = Path(write(path) or path)
+    except (OSError, RsviewerError, ValueError) as e:
+        report(f"could not save {path}: {plain_message(e)}", True)
+        return None
+    report(f"saved {out}", False)
+    return out
 
 
 class ThumbCache(QObject):
@@ -133,6 +185,7 @@ class ThumbCache(QObject):
         self.signals = _ThumbSignals()
         self.signals.ready.connect(self._ready)
         self.signals.failed.connect(self._failed)
+        _CACHES.append(self)
 
     def get(self, path: str) -> Optional[QPixmap]:
         pm = self.pixmaps.get(path)
@@ -158,6 +211,19 @@ class ThumbCache(QObject):
 
 
 _THUMBS: Optional[ThumbCache] = None
+_CACHES: list = []  # every ThumbCache, so shutdown can stop their pools
+
+
+def shutdown_thumbs(msecs: int = 200) -> bool:
+    """Drop queued thumbnails and wait briefly for the running ones; True if all stopped."""
+    ok = True
+    for c in list(_CACHES):
+        try:
+            c.pool.clear()
+            ok = c.pool.waitForDone(msecs) and ok
+        except RuntimeError:  # already deleted with its parent
+            pass
+    return ok
 
 
 def thumbs() -> ThumbCache:

@@ -5,7 +5,12 @@ Every engine call that can take more than a moment runs in a :class:`Worker` on 
 ``progress`` callback (throttled, emitted as a queued Qt signal) and ``cancel`` token
 (a ``threading.Event``) to the engine function, which polls it. Errors arrive as one
 plain line (``RsviewerError`` messages as they are; anything else as
-``"<Type>: message"`` with the traceback logged, never shown).
+``"<Type>: message"`` with the traceback logged, never shown); the line is a
+:class:`JobError` (a ``str``) that also carries the exception object as ``.exc``.
+
+A job started in a busy ``slot`` *replaces* the older one there: the older job is
+stopped and everything it still reports (result, error, cancel) is dropped silently.
+Only the user's Cancel (``cancel(slot)``, the status-bar button) says "cancelled".
 """
 from __future__ import annotations
 
@@ -29,16 +34,30 @@ def plain_message(exc: BaseException) -> str:
         msg = str(exc) or type(exc).__name__
     elif isinstance(exc, MemoryError):
         msg = "out of memory"
+    elif isinstance(exc, OSError) and exc.strerror:
+        msg = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     else:
         first = (str(exc).strip().splitlines() or [""])[0]
         msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return msg[:300]
 
 
+class JobError(str):
+    """The one-line message of a failed job, with the exception itself as ``.exc``."""
+
+    exc: Optional[BaseException] = None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "JobError":
+        out = cls(plain_message(exc))
+        out.exc = exc
+        return out
+
+
 class WorkerSignals(QObject):
     progress = Signal(int, int, str)
     result = Signal(object)
-    error = Signal(str)
+    error = Signal(object)  # the exception object
     cancelled = Signal()
     finished = Signal()
 
@@ -56,6 +75,7 @@ class Worker(QRunnable):
         self._last_emit = 0.0
         self.started_at = 0.0
         self.done = False
+        self.replaced = False  # superseded by a newer job of its slot: reports nothing
 
     def progress(self, done: int, total: int, message: str = "") -> None:
         now = time.monotonic()
@@ -79,7 +99,7 @@ class Worker(QRunnable):
         except BaseException as e:  # noqa: BLE001 - every error becomes a message
             if not isinstance(e, RsviewerError):
                 log.error("%s failed:\n%s", self.name, traceback.format_exc())
-            self.signals.error.emit(plain_message(e))
+            self.signals.error.emit(e)
         finally:
             self.done = True
             self.signals.finished.emit()
@@ -102,6 +122,7 @@ class JobManager(QObject):
         self.pool.setMaxThreadCount(max_threads)
         self.jobs: dict[Worker, str] = {}
         self.slots: dict[str, Worker] = {}
+        self.closing = False  # set on shutdown: late results are not applied to a closing window
         self.widget = ProgressWidget(self)
 
     def start(
@@ -114,16 +135,24 @@ class JobManager(QObject):
         on_cancel: Optional[Callable[[], None]] = None,
         quiet: bool = False,
     ) -> Worker:
-        if slot and slot in self.slots and not self.slots[slot].done:
-            self.slots[slot].cancel.set()
+        if slot and slot in self.slots:
+            old = self.slots[slot]
+            old.replaced = True  # superseded, not cancelled: it reports nothing more
+            old.cancel.set()
         w = Worker(fn, name)
         self.jobs[w] = slot or ""
         if slot:
             self.slots[slot] = w
+        on_error = on_error or (lambda msg, n=name: self.message.emit(f"{n} failed: {msg}"))
+        on_cancel = on_cancel or (lambda n=name: self.message.emit(f"{n}: cancelled"))
+
+        def live(fn):  # deliver only while the job has not been replaced
+            return lambda *a, w=w: None if w.replaced or self.closing else fn(*a)
+
         if on_result is not None:
-            w.signals.result.connect(on_result)
-        w.signals.error.connect(on_error or (lambda msg, n=name: self.message.emit(f"{n} failed: {msg}")))
-        w.signals.cancelled.connect(on_cancel or (lambda n=name: self.message.emit(f"{n}: cancelled")))
+            w.signals.result.connect(live(on_result))
+        w.signals.error.connect(live(lambda e: on_error(JobError.of(e))))
+        w.signals.cancelled.connect(live(on_cancel))
         w.signals.finished.connect(lambda w=w: self._finished(w))
         if not quiet:
             w.signals.progress.connect(lambda d, t, m, w=w: self.widget.on_progress(w, d, t, m))
@@ -152,6 +181,14 @@ class JobManager(QObject):
                 w.cancel.set()
 
     def wait_all(self, msecs: int = 5000) -> bool:
+        return self.pool.waitForDone(msecs)
+
+    def shutdown(self, msecs: int = 400) -> bool:
+        """Cancel everything, drop what is still reported, wait up to ``msecs``;
+        True if every job stopped (a job that never polls its token may still run)."""
+        self.closing = True
+        self.cancel()
+        self.pool.clear()  # queued jobs never start
         return self.pool.waitForDone(msecs)
 
 
