@@ -5,6 +5,8 @@
     index = rv.build_index(model, "assets/gallery/gallery.json", "runs/gallery-index")
     hits = rv.search_text(model, index, "many planes parked at the airport", k=10).hits
     print(rv.evaluate(model, "dataset_ucm.json", split="val", rerank="smr"))
+    pq = rv.evaluate_per_query(model, "dataset_ucm.json", split="val")  # where it fails, query by query
+    rv.write_table(rv.per_query_table(pq), "per_query.parquet")
 
 Every long function takes ``progress=(done, total, message) -> None`` and
 ``cancel=<object with is_set()>``; user errors raise :class:`rsviewer.errors.RsviewerError`.
@@ -21,15 +23,32 @@ from .retrieval.classify import classify
 from .retrieval.evaluate import evaluate
 from .retrieval.index import build_index, load_index
 from .retrieval.metrics import retrieval_metrics
+from .retrieval.per_query import (PerQuery, class_recall, compare_table, confusion, per_query, per_query_table,
+                                  score_dataset, score_index, write_table)
 from .retrieval.rerank import rerank
 from .retrieval.search import search_image, search_text
 from .train.trainer import TrainConfig, train
 
 __all__ = [
     "TrainConfig", "build_index", "classify", "create_model", "evaluate", "list_archs", "list_models",
+    "PerQuery", "class_recall", "compare_table", "confusion", "evaluate_per_query", "per_query_table", "write_table",
     "load_dataset", "load_image", "load_index", "load_model", "rerank", "retrieval_metrics", "save_model",
     "search_image", "search_text", "train", "explain", "localize", "project",
 ]
+
+
+def evaluate_per_query(model, data, split: str = "val", rerank: str = "none", images=None, progress=None,
+                       cancel=None, batch_size: int = 32) -> PerQuery:
+    """Per-query ranks (the rows of ``rsviewer eval --per-query``) of ``model`` on a dataset
+    split, or on a ``GalleryIndex`` (``split`` is then ignored). Its ``metrics`` are
+    :func:`evaluate`'s numbers; ``compare_table(pq_a, pq_b)`` puts two models side by side."""
+    from .retrieval.index import GalleryIndex
+
+    if isinstance(data, GalleryIndex):
+        scores = score_index(model, data, rerank, progress, cancel)
+    else:
+        scores = score_dataset(model, data, split, rerank, images, progress, cancel, batch_size)
+    return per_query(scores)
 
 
 def explain(*args, **kwargs):

@@ -109,13 +109,13 @@ class QueryTable(QAbstractTableModel):
             texts, images = [a.captions[c] for c in best], list(a.ids)
             groups, sizes, text_name = a.dup_group[best], a.dup_size[best], "best own caption (A)"
         cols = [("label", query_labels(a, direction))]
-        for tag, pq in zip("AB", pqs):
-            d = getattr(pq, direction)
-            cols += [(f"rank {tag}", d["rank"].tolist()), (f"ties {tag}", d["ties"].tolist()),
-                     (f"top-1 {tag}", top1_labels(pq, direction))]
+        tags = list(zip("AB", pqs))
+        cols += [(f"rank {tag}", getattr(pq, direction)["rank"].tolist()) for tag, pq in tags]
         if len(pqs) == 2:
             diff = getattr(pqs[1], direction)["exp_rank"] - da["exp_rank"]
             cols.append(("Δ rank (B − A)", diff.tolist()))
+        cols += [(f"ties {tag}", getattr(pq, direction)["ties"].tolist()) for tag, pq in tags]
+        cols += [(f"top-1 {tag}", top1_labels(pq, direction)) for tag, pq in tags]
         cols += [("dup group", groups.tolist()), ("dup size", sizes.tolist()), ("image", images), (text_name, texts)]
         self.cols = cols
         self.n = len(da["rank"])
@@ -221,7 +221,7 @@ class ClassRecallChart(QWidget):
         self.plot.setXRange(0, 100, padding=0.02)
         self.plot.setYRange(-0.6, len(labels) - 0.4, padding=0)
         self.plot.getViewBox().invertY(True)
-        self.plot.setLabel("bottom", f"{'text→image' if direction == 't2i' else 'image→text'} R@{k} (%)")
+        self.plot.setLabel("bottom", f"{'text→image' if direction == 't2i' else 'image→text'} R@{k} (%)", color=theme.TEXT)
         legend = "  ".join(f"<span style='color:{COLORS[j]}'>■</span> {n}" for j, n in enumerate(names))
         self.plot.setTitle(f"per-class R@{k} — {legend}", color=theme.TEXT, size="10pt")
 
@@ -265,8 +265,8 @@ class ConfusionChart(QWidget):
                 self._texts.append(t)
         self.plot.getAxis("left").setTicks([[(i + 0.5, f"{n} {i + 1}") for i, n in enumerate(self.names)]])
         self.plot.getAxis("bottom").setTicks([[(i + 0.5, str(i + 1)) for i in range(len(self.names))]])
-        self.plot.setLabel("left", "ground-truth label")
-        self.plot.setLabel("bottom", "label of the top-1 result (numbered as the rows)")
+        self.plot.setLabel("left", "ground-truth label", color=theme.TEXT)
+        self.plot.setLabel("bottom", "label of the top-1 result (numbered as the rows)", color=theme.TEXT)
         off = int(m.sum() - np.trace(m))
         self.plot.setTitle(f"{model_name}, {'text→image' if direction == 't2i' else 'image→text'}: {off}/"
                            f"{int(m.sum())} top-1 off-label · click a cell", color=theme.TEXT, size="10pt")
@@ -333,8 +333,8 @@ class RankHistogram(QWidget):
             x = np.arange(len(c)) - 0.4 + w * (j + 0.5)
             self.plot.addItem(pg.BarGraphItem(x=x, height=c, width=w * 0.9, brush=COLORS[j], pen=None))
         self.plot.getAxis("bottom").setTicks([list(enumerate(hist_labels()))])
-        self.plot.setLabel("bottom", "rank of the ground truth (ties in its favour)")
-        self.plot.setLabel("left", "queries")
+        self.plot.setLabel("bottom", "rank of the ground truth (ties in its favour)", color=theme.TEXT)
+        self.plot.setLabel("left", "queries", color=theme.TEXT)
         legend = "  ".join(f"<span style='color:{COLORS[j]}'>■</span> {n}" for j, n in enumerate(names))
         self.plot.setTitle(f"rank of the ground truth, {'text→image' if direction == 't2i' else 'image→text'} — {legend}",
                            color=theme.TEXT, size="10pt")
@@ -633,7 +633,6 @@ class EvaluateWidget(QWidget):
         vals.append([ce[d][f"R@{k}"] for d in ("i2t", "t2i") for k in KS] + [ce["mR"]])
         labels.append("ceiling (identical strings)")
         self.metrics.setRowCount(len(vals))
-        self.metrics.setFixedHeight(self.metrics.horizontalHeader().height() + 30 * len(vals) + 4)
         self.metrics.setVerticalHeaderLabels(labels)
         for i, row in enumerate(vals):
             for j, v in enumerate(row):
@@ -644,6 +643,9 @@ class EvaluateWidget(QWidget):
                     f.setBold(True)
                     it.setFont(f)
                 self.metrics.setItem(i, j, it)
+        self.metrics.resizeRowsToContents()
+        self.metrics.setFixedHeight(self.metrics.horizontalHeader().sizeHint().height()
+                                    + self.metrics.verticalHeader().length() + 2 * self.metrics.frameWidth())
 
     # ---- views and filters
     def current_direction(self) -> str:
