@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--data", default=str(ROOT / "assets" / "gallery" / "gallery.json"))
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "openvino", "torch"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 

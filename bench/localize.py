@@ -79,7 +79,7 @@ def child(args) -> None:
 
     t0 = time.perf_counter()
     tw = towers(model, args.runtime)
-    if tw.runtime == "onnx":
+    if tw.runtime != "torch":
         tw.maps_available()  # export (fresh cache) or load the feature-map graph
     t_setup = time.perf_counter() - t0
     sizes = [int(s) for s in args.windows.split(",")]
@@ -192,7 +192,7 @@ def main() -> int:
     ap.add_argument("--windows", default="256,512,768")
     ap.add_argument("--two-stage", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "openvino", "torch"])
     ap.add_argument("--no-reference", action="store_true", help="do not also run the --runtime torch reference")
     ap.add_argument("--scene", help="use this scene instead of building the mosaic")
     ap.add_argument("--keep", help="build the mosaic at this path and keep it")

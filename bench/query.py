@@ -50,7 +50,7 @@ def encode_only(model, tw, repeat: int) -> dict:
 
     n = default_threads()
     out = {}
-    if tw.runtime == "onnx":
+    if tw.runtime != "torch":
         for th in sorted({1, n}):
             tw.text_states([QUERIES[0]], threads=th)
             out[f"onnx_{th}_thread"] = _median_ms(lambda q: tw.text_states([q], threads=th), repeat)
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--repeat", type=int, default=21)
-    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "openvino", "torch"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
