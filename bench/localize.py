@@ -20,6 +20,13 @@ EPSG:32633 at 0.3 m with internal overviews, block row by block row (the builder
 holds the whole scene either), and localized through the raster layer; the 10,240 px
 GeoTIFF is built and timed in the same run as the reference. Also records the load
 average before/after and the CPU model, because the machine may be shared.
+    python bench/localize.py --json --no-reference       # skip the same-run torch reference
+
+The timing mode runs the child twice: with ``--runtime`` (default ``auto``: the ONNX
+feature-map graph, :mod:`rsviewer.runtime`) and with ``--runtime torch`` (the PyTorch
+path, the reference), and prints both and the ratio of first-query times. The one-off
+ONNX export/load (``runtime_setup_s``; in the user cache after a first run) is timed
+before the first query and reported apart.
 
 Prints one JSON object. Skips (exit 0, with a message) when the UCM images are absent.
 """
@@ -186,12 +193,19 @@ def child(args) -> None:
     dev = pick_device(args.device)
     model = load_model(args.model, device=dev)
     t_load = time.perf_counter() - t0
+    from rsviewer.runtime import towers
+
+    t0 = time.perf_counter()
+    tw = towers(model, args.runtime)
+    if tw.runtime != "torch":
+        tw.maps_available()  # export (fresh cache) or load the feature-map graph
+    t_setup = time.perf_counter() - t0
     sizes = [int(s) for s in args.windows.split(",")]
-    opts = {"mode": args.mode, "precision": args.precision}
+    opts = {"mode": args.mode, "precision": args.precision, "runtime": args.runtime}
     if args.input_size:
         opts["input_size"] = args.input_size
     out = {"device": describe(dev), "threads": torch.get_num_threads(), "model": args.model, "mode": args.mode,
-           "model_load_s": round(t_load, 2)}
+           "model_load_s": round(t_load, 2), "runtime": tw.info(), "runtime_setup_s": round(t_setup, 2)}
     cpu0 = time.process_time()
     with open_scene(args.scene) as sc:
         out["scene"] = {"backend": sc.backend, "format": sc.format, "size": list(sc.size),
@@ -261,6 +275,31 @@ def fidelity(args) -> dict:
     return out
 
 
+def _run_child(args, scene: str, cache: Path, runtime: str):
+    """One child process (fresh window cache) at ``runtime``; its JSON, or None on failure."""
+    env = dict(os.environ, RSVIEWER_CACHE=str(cache), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
+           "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
+           "--threads", str(args.threads), "--runtime", runtime]
+    if args.input_size:
+        cmd += ["--input-size", str(args.input_size)]
+    if args.two_stage:
+        cmd.append("--two-stage")
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        return None
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["child_wall_s"] = round(time.perf_counter() - t, 1)
+    out["child_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    try:
+        out["loadavg_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -273,6 +312,8 @@ def main() -> int:
     ap.add_argument("--windows", default="256,512,768")
     ap.add_argument("--two-stage", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "openvino", "torch"])
+    ap.add_argument("--no-reference", action="store_true", help="do not also run the --runtime torch reference")
     ap.add_argument("--scene", help="use this scene instead of building the mosaic")
     ap.add_argument("--keep", help="build the mosaic at this path and keep it")
     ap.add_argument("--fidelity", action="store_true",
@@ -304,26 +345,21 @@ def main() -> int:
                 info["build_s"] = round(time.perf_counter() - t, 1)
             scene = str(path)
         info["scene"] = scene
-        env = dict(os.environ, RSVIEWER_CACHE=str(Path(tmp) / "cache"), PYTHONPATH=str(REPO))
-        cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
-               "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
-               "--threads", str(args.threads)]
-        if args.input_size:
-            cmd += ["--input-size", str(args.input_size)]
-        if args.two_stage:
-            cmd.append("--two-stage")
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        info["child_wall_s"] = round(time.perf_counter() - t, 1)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        info["child_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
-        try:
-            info["loadavg_1min"] = os.getloadavg()[0]
-        except OSError:
-            pass
+        from bench.common import cpu_model, loadavg
+
+        info.update(cpu=cpu_model(), loadavg=loadavg())
+        runs = [("rsviewer", args.runtime)] + ([] if args.no_reference else [("reference_torch", "torch")])
+        for name, rt in runs:
+            res = _run_child(args, scene, Path(tmp) / f"cache-{name}", rt)
+            if res is None:
+                return 1
+            if name == "rsviewer":
+                info.update(res)  # the figures at the top level, as before
+            else:
+                info[name] = {k: res[k] for k in ("runtime", "effective_mode", "precision", "first_query_s", "first_query_cpu_s",
+                                                  "second_query_s", "peak_rss_mb", "loadavg_1min") if k in res}
+        if "reference_torch" in info:
+            info["ratio_first_query"] = round(info["reference_torch"]["first_query_s"] / info["first_query_s"], 2)
     print(json.dumps(info) if args.json else json.dumps(info, indent=2))
     return 0
 

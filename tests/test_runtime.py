@@ -174,12 +174,12 @@ def test_auto_and_torch_runtimes(cache):
     from rsviewer.runtime.towers import RuntimeError_
 
     m = Tiny()
-    assert resolve_runtime("auto", m) == "onnx" and resolve_runtime("torch", m) == "torch"
+    assert resolve_runtime("auto", m) == "openvino" and resolve_runtime("torch", m) == "torch"  # openvino: .[test]
     with pytest.raises(RuntimeError_):
         resolve_runtime("tensorflow", m)
-    assert towers(m, "auto") is towers(m, "onnx")  # memoised per model and resolved runtime
+    assert towers(m, "auto") is towers(m, "openvino")  # memoised per model and resolved runtime
     info = warm_up(m)
-    assert info["image"] == "onnx" and info["text"] == "onnx"
+    assert info["image"] == "openvino" and info["text"] == "openvino"
     assert towers(m, "torch").info()["image"] == "torch" and not list(cache.glob("*.tmp"))
 
 
@@ -222,3 +222,22 @@ def test_index_stores_codes_and_search_uses_faiss(small_index, default_model, mo
     assert np.allclose([h.score for h in auto.hits], [h.score for h in exact.hits], atol=1e-5)
     img = S.search_image(default_model, idx, idx.path(0), k=5, scan="compressed")
     assert img.hits[0].row == 0
+
+
+def test_openvino_runs_the_same_graphs():
+    """OpenVINO (what ``auto`` picks when installed) on the default model's cached exports."""
+    from rsviewer.checkpoint import load_model
+
+    model = load_model("default")
+    tw = Towers(model, "openvino")
+    pixels = rexport.image_example(model, 2, model.image_size, 3)
+    with torch.no_grad():
+        ref_i, ref_t = model.image_states(pixels)["emb"], model.text_states(CAPTIONS)["emb"]
+        x = torch.randn(1, 3, 320, 288)
+        ref_m = model.feature_maps(x)
+    assert _cos(tw.image_states(pixels)["emb"], ref_i) >= 0.9999
+    assert _cos(tw.text_states(CAPTIONS)["emb"], ref_t) >= 0.9999
+    assert _cos(tw.text_states(CAPTIONS[:1])["emb"], ref_t[:1]) >= 0.9999  # the 1-thread query session
+    got_m = tw.feature_maps(x)
+    assert all(_cos(got_m[k], ref_m[k]) >= 0.9999 for k in ref_m)
+    assert tw.info()["image"] == tw.info()["text"] == "openvino"

@@ -392,11 +392,11 @@ def encode_windows(model, scene: Scene, boxes: np.ndarray, *, mode: str = "fast"
     dev = model.device
     S = int(input_size or model.image_size)
     prec = resolve_precision(precision, dev)
-    tw = towers(model, runtime) if resolve_runtime(runtime, model) == "onnx" else None
+    tw = towers(model, runtime) if resolve_runtime(runtime, model) != "torch" else None
     if tw is not None:
         prec = "fp32"  # the ONNX graphs are fp32; so is the PyTorch path for the tiles they skip
     bs = int(batch_size or (64 if dev.type == "cuda" else 16))
-    info: dict = {"mode": mode, "input_size": S, "precision": prec, "runtime": "onnx" if tw is not None else "torch"}
+    info: dict = {"mode": mode, "input_size": S, "precision": prec, "runtime": tw.runtime if tw is not None else "torch"}
     if mode not in ("fast", "crops"):
         raise ValueError(f"unknown mode {mode!r}; use fast or crops")
     use_fast = False

@@ -26,7 +26,8 @@ from ..errors import RsviewerError
 
 log = logging.getLogger("rsviewer.runtime")
 
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+GRAPH_RUNTIMES = ("onnx", "openvino")  # run the exported graphs (ONNX Runtime / OpenVINO)
 QUERY_THREADS = 1  # threads of the single-query text session (measured: bench/query.py)
 QUERY_BATCH = 4  # texts up to this many use the query session
 
@@ -46,6 +47,14 @@ def ort_available() -> bool:
     return True
 
 
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def providers(device: torch.device) -> list[str]:
     """TensorRT / CUDA providers when installed and the model is on a GPU, then CPU."""
     import onnxruntime as ort
@@ -58,17 +67,24 @@ def providers(device: torch.device) -> list[str]:
 
 
 def resolve_runtime(runtime: str, model) -> str:
-    """``auto`` → ``onnx`` when ONNX Runtime is installed and the model is on the CPU (or on a
-    GPU with ORT's CUDA provider), else ``torch``; ``onnx`` without ONNX Runtime is an error."""
+    """``auto`` → ``openvino`` on the CPU when OpenVINO is installed (faster than ONNX Runtime on
+    the same graphs here: docs/runtime.md), else ``onnx`` when ONNX Runtime is installed and the
+    model is on the CPU (or on a GPU with ORT's CUDA provider), else ``torch``. ``onnx`` /
+    ``openvino`` without their package is an error. The export and its parity check always
+    use ONNX Runtime."""
     if runtime not in RUNTIMES:
         raise RuntimeError_(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
     if runtime == "torch":
         return "torch"
     if not ort_available():
-        if runtime == "onnx":
-            raise RuntimeError_("--runtime onnx needs ONNX Runtime: pip install onnxruntime")
+        if runtime in GRAPH_RUNTIMES:
+            raise RuntimeError_(f"--runtime {runtime} needs ONNX Runtime for the export: pip install onnxruntime")
         return "torch"
     dev = model.device
+    if runtime == "openvino" and not openvino_available():
+        raise RuntimeError_("--runtime openvino needs OpenVINO: pip install openvino")
+    if runtime == "openvino" or (runtime == "auto" and dev.type == "cpu" and openvino_available()):
+        return "openvino"
     if runtime == "auto" and dev.type != "cpu" and len(providers(dev)) == 1:
         return "torch"  # a GPU model and no GPU provider: torch on the GPU is faster
     return "onnx"
@@ -78,7 +94,28 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _session(path, device, threads: int):
+class _OVSession:
+    """An OpenVINO compiled model with ONNX Runtime's ``run(names, feed)`` (fp32: this CPU
+    would otherwise run it in bf16); one infer request per thread."""
+
+    def __init__(self, path, threads: int):
+        import openvino as ov
+
+        self.cm = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": int(threads),
+                                                             "INFERENCE_PRECISION_HINT": "f32"})
+        self._local = threading.local()
+
+    def run(self, names, feed):
+        req = getattr(self._local, "req", None)
+        if req is None:
+            req = self._local.req = self.cm.create_infer_request()
+        res = req.infer(feed)
+        return [np.array(res[self.cm.output(n)]) for n in names]  # copies: the request reuses its buffers
+
+
+def _session(path, device, threads: int, backend: str = "onnx"):
+    if backend == "openvino":
+        return _OVSession(path, threads)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -105,7 +142,7 @@ class Towers:
     # -- sessions ------------------------------------------------------------------------
     def _get(self, tower: str, size: Optional[int], threads: int):
         """The ORT session for a tower (exported/loaded on first use), or None → torch."""
-        if self.runtime != "onnx":
+        if self.runtime not in GRAPH_RUNTIMES:
             return None
         key = (tower, size)
         if key in self.reasons:
@@ -130,9 +167,9 @@ class Towers:
             self._meta[tower] = meta
             self.parity[tower] = meta.get("parity") or {}
             try:
-                sess = _session(path, self.model.device, threads)
-            except Exception as e:  # noqa: BLE001 — a graph ORT cannot load: torch
-                self.reasons[key] = f"ONNX Runtime cannot load the export: {str(e).splitlines()[0][:160]}"
+                sess = _session(path, self.model.device, threads, self.runtime)
+            except Exception as e:  # noqa: BLE001 — a graph the runtime cannot load: torch
+                self.reasons[key] = f"{self.runtime} cannot load the export: {str(e).splitlines()[0][:160]}"
                 log.warning("rsviewer: %s %s tower runs in PyTorch: %s", self.model.arch, tower, self.reasons[key])
                 return None
             self._sessions[skey] = sess
@@ -157,7 +194,7 @@ class Towers:
 
     def maps_available(self) -> bool:
         """Is the ``feature_maps`` graph (shared-map localization) running in ONNX Runtime?"""
-        if self.runtime != "onnx" or not callable(getattr(self.model, "feature_maps", None)):
+        if self.runtime not in GRAPH_RUNTIMES or not callable(getattr(self.model, "feature_maps", None)):
             return False
         return self._get("maps", None, default_threads()) is not None
 
@@ -195,11 +232,11 @@ class Towers:
         """What runs where: ``{"runtime", "image": "onnx"|"torch (reason)", "text": ..., "parity"}``."""
         def where(tower):
             bad = [r for (t, _), r in self.reasons.items() if t == tower]
-            if self.runtime != "onnx":
+            if self.runtime not in GRAPH_RUNTIMES:
                 return "torch"
             if bad:
                 return f"torch ({bad[0]})"
-            return "onnx" if tower in self._meta else "onnx (not loaded yet)"
+            return self.runtime if tower in self._meta else f"{self.runtime} (not loaded yet)"
 
         out = {"runtime": self.runtime, "image": where("image"), "text": where("text")}
         if "maps" in self._meta or any(t == "maps" for t, _ in self.reasons):
