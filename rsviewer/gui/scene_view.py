@@ -1,15 +1,20 @@
 """The scene tab: a large scene with tiled pan/zoom, localization heatmap, GT polygons.
 
-Tiles come from ``rsviewer.localize.open_scene(path)`` (``read_region`` at the level of
-detail the view needs, ``thumbnail`` as the always-present base layer) and are read on a
-background pool, so panning a 10,000-px scene never blocks the GUI thread. Until the
-localize engine is importable a small Pillow reader stands in (whole image in memory,
-fine for scenes up to a few thousand pixels) and localization says it is unavailable.
+Tiles come from the raster layer (``rsviewer.localize.open_scene`` = ``rsviewer.raster.
+open_raster``): the thumbnail is read from the file's overviews at once (a 30,000 px
+GeoTIFF without overviews gets a sidecar ``.ovr`` built once, with progress and cancel,
+when it is opened), and tiles at the level of detail the view needs are read on a
+background pool from the matching overview, so panning never blocks the GUI thread.
+The cursor shows pixel, map and lon/lat coordinates; the heatmap and the result's
+regions (or any GeoJSON opened here, lon/lat or in the scene's CRS) are drawn in place;
+Save writes the overlay (.png/.jpg), the map as a COG (.tif) or the regions (.geojson).
+Until the localize engine is importable a small Pillow reader stands in.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -27,6 +32,7 @@ from .util import colorize, rgb_to_qimage
 
 TILE = 512
 THUMB_SIDE = 2048
+OVERVIEW_MIN_SIDE = 8192  # a GeoTIFF larger than this without overviews gets a sidecar .ovr on open
 WINDOW_PRESETS = {"256, 512, 768 px (SeLo)": (256, 512, 768), "128, 256 px": (128, 256), "256 px": (256,),
                   "512, 1024 px": (512, 1024)}
 
@@ -157,8 +163,11 @@ def QStyleOptionGraphicsItem_lod(option, painter) -> float:  # noqa: N802
 
 
 class SceneGraphicsView(QGraphicsView):
+    hovered = Signal(float, float)  # scene pixel under the cursor
+
     def __init__(self, parent=None):
         super().__init__(parent)
+        self.setMouseTracking(True)
         self.setDragMode(QGraphicsView.ScrollHandDrag)
         self.setTransformationAnchor(QGraphicsView.AnchorUnderMouse)
         self.setResizeAnchor(QGraphicsView.AnchorViewCenter)
@@ -168,6 +177,19 @@ class SceneGraphicsView(QGraphicsView):
         self.setAcceptDrops(False)
         self.viewport().setAcceptDrops(False)
         self.auto_fit = True  # keep the scene fitted until the user zooms
+
+    def mouseMoveEvent(self, e):  # noqa: N802
+        super().mouseMoveEvent(e)
+        pt = self.mapToScene(e.position().toPoint())
+        self.hovered.emit(pt.x(), pt.y())
+
+    def center_on_box(self, x: float, y: float, w: float, h: float, margin: float = 3.0) -> None:
+        """Zoom so that the box and ``margin``× its size around it fill the view, centred."""
+        self.auto_fit = False
+        cx, cy = x + w / 2, y + h / 2
+        side = max(w, h) * margin
+        self.fitInView(QRectF(cx - side / 2, cy - side / 2, side, side), Qt.KeepAspectRatio)
+        self.centerOn(cx, cy)
 
     def wheelEvent(self, e):  # noqa: N802
         factor = 1.25 if e.angleDelta().y() > 0 else 0.8
@@ -207,6 +229,7 @@ class SceneWidget(QWidget):
         self.result = None
         self.heat_item: Optional[QGraphicsPixmapItem] = None
         self.poly_items: list = []
+        self.region_items: list = []
         self.anno: list[dict] = []
         self.metrics: Optional[dict] = None
         self._gen = 0
@@ -256,7 +279,12 @@ class SceneWidget(QWidget):
         self.opacity.valueChanged.connect(lambda v: self.heat_item and self.heat_item.setOpacity(v / 100))
         self.fit_button = QPushButton("Fit")
         self.fit_button.clicked.connect(lambda: self.view.fit())
-        self.save_button = QPushButton("Save overlay…")
+        self.regions_button = QPushButton("Open GeoJSON…")
+        self.regions_button.setToolTip("Draw regions from a GeoJSON file (lon/lat or the scene's CRS) on the scene")
+        self.regions_button.clicked.connect(self._geojson_dialog)
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Overlay (.png/.jpg), probability map as a COG in the scene's CRS (.tif), "
+                                    "or the top regions as GeoJSON (.geojson)")
         self.save_button.clicked.connect(self._save_dialog)
         self.save_button.setEnabled(False)
         second.addWidget(self.anno_combo, 1)
@@ -268,6 +296,7 @@ class SceneWidget(QWidget):
         third.addWidget(QLabel("Opacity"))
         third.addWidget(self.opacity)
         third.addStretch(1)
+        third.addWidget(self.regions_button)
         third.addWidget(self.fit_button)
         third.addWidget(self.save_button)
         lay.addLayout(third)
@@ -279,7 +308,13 @@ class SceneWidget(QWidget):
         self.gscene = QGraphicsScene(self)
         self.view = SceneGraphicsView()
         self.view.setScene(self.gscene)
+        self.view.hovered.connect(self._hovered)
         lay.addWidget(self.view, 1)
+        self.coords = QLabel("")
+        self.coords.setObjectName("hint")
+        self.coords.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        lay.addWidget(self.coords)
+        self._pending_box = None
 
     def set_model(self, model) -> None:
         self.model = model
@@ -296,22 +331,41 @@ class SceneWidget(QWidget):
         if path:
             self.open_scene(path)
 
-    def open_scene(self, path) -> None:
+    def open_scene(self, path, box=None) -> None:
+        """Open a scene; ``box`` = (x, y, w, h) in scene pixels: centre the view on it
+        (a tile-index hit)."""
         path = Path(path)
         self.info.setText(f"opening {path.name}…")
+        if box is not None and self.scene_path is not None and path.resolve() == self.scene_path.resolve():
+            self.show_box(box)  # already open: just move there
+            return
+        self._pending_box = box
 
         def work(progress, cancel):
             progress(0, 2, "reading header")
             sc = open_scene_any(path)
+            note = ""
+            try:
+                from ..raster import build_overviews, needs_overviews
+
+                if needs_overviews(sc, OVERVIEW_MIN_SIDE) and os.access(path.parent, os.W_OK):
+                    build_overviews(sc, progress=progress, cancel=cancel)
+                    note = f"built {path.name}.ovr (overviews 1/{', 1/'.join(map(str, sc.overviews))})"
+            except ImportError:
+                pass
             progress(1, 2, "thumbnail")
             th = sc.thumbnail(THUMB_SIDE)
             progress(2, 2, "thumbnail")
-            return sc, np.asarray(th.convert("RGB"))
+            return sc, np.asarray(th.convert("RGB")), note
 
         self.jobs.start(f"Open scene {path.name}", work, lambda out, p=path: self._opened(p, *out),
                         lambda msg: self.info.setText(f"Could not open the scene: {msg}"), slot="scene-open")
 
-    def _opened(self, path: Path, sc, thumb_rgb: np.ndarray) -> None:
+    def _opened(self, path: Path, sc, thumb_rgb: np.ndarray, note: str = "") -> None:
+        old = self.scene_obj
+        if old is not None and old is not sc and hasattr(old, "close"):
+            self.pool.waitForDone(2000)  # tiles still reading from the old scene
+            old.close()
         self._gen += 1
         self.scene_obj, self.scene_path, self.thumb_rgb = sc, path, thumb_rgb
         self.result = None
@@ -319,6 +373,7 @@ class SceneWidget(QWidget):
         self.gscene.clear()
         self.heat_item = None
         self.poly_items = []
+        self.region_items = []
         self.item = TiledSceneItem(sc, QPixmap.fromImage(rgb_to_qimage(thumb_rgb)), self.pool, self.tile_signals,
                                    self._gen)
         self.gscene.addItem(self.item)
@@ -327,7 +382,11 @@ class SceneWidget(QWidget):
         self.save_button.setEnabled(False)
         W, H = sc.size
         reader = "" if localize_module()[0] is not None else " · Pillow reader (localize engine not available)"
-        self.info.setText(f"{path.name}: {W:,} × {H:,} px{reader}. Scroll to zoom, drag to pan.")
+        desc = sc.describe() if hasattr(sc, "describe") else f"{path.name}: {W:,} × {H:,} px"
+        self.info.setText(f"{desc}{reader}{' · ' + note if note else ''}. Scroll to zoom, drag to pan.")
+        if self._pending_box is not None:
+            box, self._pending_box = self._pending_box, None
+            self.show_box(box)
         # an anno.json next to the scene (or one folder up) is picked up automatically
         if not self.anno:
             for cand in (path.parent / "anno.json", path.parent.parent / "anno.json"):
@@ -338,6 +397,106 @@ class SceneWidget(QWidget):
                         pass
                     break
         self._fill_anno_combo()
+
+    def show_box(self, box) -> None:
+        """Centre the view on ``box`` = (x, y, w, h) scene px and outline it."""
+        x, y, w, h = (float(v) for v in box)
+        self.view.center_on_box(x, y, w, h)
+        self._draw_regions([[[[x, y], [x + w, y], [x + w, y + h], [x, y + h]]]], ["hit"])
+
+    def coords_text(self, x: float, y: float) -> str:
+        sc = self.scene_obj
+        if sc is None:
+            return ""
+        W, H = sc.size
+        if not (0 <= x < W and 0 <= y < H):
+            return ""
+        parts = [f"pixel {int(x):,}, {int(y):,}"]
+        g = getattr(sc, "georef", None)
+        if g is not None and g.has_crs:
+            mx, my = g.pixel_to_map(x, y)
+            parts.append(f"{g.crs_label()} {mx:,.2f}, {my:,.2f}")
+            ll = g.lonlat_or_none(x, y)
+            parts.append(f"lon {ll[0]:.6f}, lat {ll[1]:.6f}" if ll else "lon/lat: CRS not transformable")
+        elif g is not None:
+            parts.append("no CRS (pixel space)")
+        if self.result is not None:
+            gh, gw = self.result.prob.shape
+            i, j = min(gh - 1, int(y // self.result.cell)), min(gw - 1, int(x // self.result.cell))
+            parts.append(f"score {float(self.result.prob[i, j]):.2f}")
+        return " · ".join(parts)
+
+    def _hovered(self, x: float, y: float) -> None:
+        self.coords.setText(self.coords_text(x, y))
+
+    def _draw_regions(self, polys_px: list, labels: list) -> None:
+        """Outline regions given as lists of rings of scene-pixel (x, y)."""
+        for it in self.region_items:
+            self.gscene.removeItem(it)
+        self.region_items = []
+        pen = QPen(QColor("#facc15"), 2, Qt.DashLine)
+        pen.setCosmetic(True)
+        for rings, label in zip(polys_px, labels):
+            for ring in rings[:1]:  # the outer ring
+                item = QGraphicsPolygonItem(QPolygonF([QPointF(float(a), float(b)) for a, b in ring]))
+                item.setPen(pen)
+                item.setZValue(6)
+                item.setToolTip(str(label))
+                self.gscene.addItem(item)
+                self.region_items.append(item)
+
+    def show_result_regions(self, threshold: float = 0.5, top: int = 5) -> int:
+        if self.result is None or not hasattr(self.result, "regions"):
+            return 0
+        regs = self.result.regions(threshold, top)
+        self._draw_regions([r["rings"][0] for r in regs if r["rings"]],
+                           [f"#{r['rank']}: max {r['score_max']:.2f}, mean {r['score_mean']:.2f}" for r in regs])
+        return len(regs)
+
+    def load_geojson(self, path) -> int:
+        """Draw the polygons of a GeoJSON file over the scene (lon/lat per RFC 7946, or
+        the scene's CRS when the file names it). Returns the number of features drawn."""
+        from ..raster.georef import GeorefError
+
+        sc = self.scene_obj
+        if sc is None:
+            raise GeorefError("open a scene first")
+        fc = json.loads(Path(path).read_text())
+        g = getattr(sc, "georef", None)
+        if g is None or not g.has_crs:
+            raise GeorefError(f"{sc.path.name} has no CRS: GeoJSON regions cannot be placed on it")
+        named = (fc.get("crs") or {}).get("properties", {}).get("name")
+        from rasterio.crs import CRS
+        from rasterio.warp import transform as warp
+
+        src = CRS.from_user_input(named.replace("urn:ogc:def:crs:", "").replace("::", ":")) if named else \
+            CRS.from_epsg(4326)
+        polys, labels = [], []
+        for k, f in enumerate(fc.get("features", [])):
+            geom = f.get("geometry") or {}
+            parts = [geom.get("coordinates", [])] if geom.get("type") == "Polygon" else \
+                geom.get("coordinates", []) if geom.get("type") == "MultiPolygon" else []
+            for rings in parts:
+                out = []
+                for ring in rings:
+                    xs, ys = warp(src, g.crs, [p[0] for p in ring], [p[1] for p in ring])
+                    out.append([g.map_to_pixel(a, b) for a, b in zip(xs, ys)])
+                polys.append(out)
+                props = f.get("properties") or {}
+                labels.append(props.get("query") or props.get("id") or f"feature {k + 1}")
+        self._draw_regions(polys, labels)
+        return len(polys)
+
+    def _geojson_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open regions", "", "GeoJSON (*.geojson *.json)")
+        if path:
+            try:
+                n = self.load_geojson(path)
+                self.info.setText(f"{Path(path).name}: {n} region(s) drawn")
+            except Exception as e:  # noqa: BLE001
+                from .workers import plain_message
+
+                self.info.setText(f"could not draw {Path(path).name}: {plain_message(e)}")
 
     def load_anno(self, path) -> None:
         mod, _ = localize_module()
@@ -443,6 +602,9 @@ class SceneWidget(QWidget):
         self.info.setText(f"“{res.text if isinstance(res.text, str) else ' | '.join(res.text)}”: "
                           f"{res.n_windows:,} windows in {res.seconds:.1f} s{cache}{m}")
         self.save_button.setEnabled(True)
+        n = self.show_result_regions()
+        if n:
+            self.info.setText(self.info.text() + f" · {n} region(s) ≥ 0.5 outlined")
 
     def _draw_heat(self) -> None:
         if self.heat_item is not None:
@@ -466,9 +628,19 @@ class SceneWidget(QWidget):
 
     # ---- saving
     def save_overlay(self, path) -> Path:
+        """By suffix: .tif/.tiff COG of the map in the scene's CRS, .geojson regions
+        (WGS 84), else the overlay image."""
         path = Path(path)
         if self.result is None:
             raise ValueError("no localization to save")
+        from ..raster.write import check_output_path
+
+        check_output_path(path, None, "the output")
+        name = getattr(self.model, "name", None)
+        if path.suffix.lower() in (".tif", ".tiff") and hasattr(self.result, "write_cog"):
+            return self.result.write_cog(path, model=name)
+        if path.suffix.lower() in (".geojson", ".json") and hasattr(self.result, "write_geojson"):
+            return self.result.write_geojson(path, model=name)
         polys = self.polygons_for(self.query.text())
         try:
             img = self.result.overlay(max_side=THUMB_SIDE, polygons=polys or None,
@@ -481,7 +653,9 @@ class SceneWidget(QWidget):
         return path
 
     def _save_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save overlay", "localization.png", "PNG (*.png)")
+        path, _ = QFileDialog.getSaveFileName(self, "Save localization", "localization.png",
+                                              "Overlay (*.png *.jpg);;Probability map, COG (*.tif);;"
+                                              "Regions, GeoJSON (*.geojson)")
         if path:
             try:
                 self.save_overlay(path)
