@@ -28,6 +28,7 @@ BUILTIN = {
     "mssa": "rsviewer.archs.mssa",
     "cmpagl": "rsviewer.archs.cmpagl",
     "cmer": "rsviewer.archs.cmer",
+    "ensemble": "rsviewer.archs.ensemble",  # built from trained models, not trained
 }
 
 

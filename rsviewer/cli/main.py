@@ -25,6 +25,7 @@ COMMANDS = [
     "localize",
     "project",
     "models",
+    "ensemble",
 ]
 
 
