@@ -29,6 +29,7 @@ BUILTIN = {
     "cmpagl": "rsviewer.archs.cmpagl",
     "cmer": "rsviewer.archs.cmer",
     "clip": "rsviewer.archs.clip",
+    "ensemble": "rsviewer.archs.ensemble",  # built from trained models, not trained
 }
 
 

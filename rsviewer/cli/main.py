@@ -31,6 +31,7 @@ COMMANDS = [
     "project",
     "models",
     "import_",
+    "ensemble",
 ]
 
 

@@ -5,6 +5,7 @@ import json
 import shlex
 import sys
 
+from ..errors import RsviewerError
 from .common import (
     add_force_arg, add_json_arg, check_out_dir, emit, nonneg_float, positive_float, positive_int, probability,
     progress_bar, views_int,
@@ -35,13 +36,17 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--no-cache", action="store_true", help="do not read/write the feature cache")
     p.add_argument("--max-train-images", type=positive_int, default=None, help="train on a random subset (quick runs)")
+    p.add_argument("--cv", type=positive_int, default=None, metavar="K",
+                   help="K-fold cross-validation over train+val (folds by image): mean ± SE of mR per epoch; "
+                        "the epoch count is the CV choice and the model is retrained on train+val (it saw val)")
+    p.add_argument("--cv-only", action="store_true",
+                   help="with --cv: write OUT/cv.json and the held-out scores, no final model (compare recipes)")
+    p.add_argument("--fold-seed", type=int, default=0, help="with --cv: seed of the fold assignment (keep it to compare recipes)")
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
 def _parse_sets(items: list[str]) -> dict:
-    from ..errors import RsviewerError
-
     out = {}
     for it in items:
         if "=" not in it:
@@ -52,6 +57,33 @@ def _parse_sets(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+def _run_cv(args, defaults: dict, model_cfg: dict, command: str) -> int:
+    from ..train.cv import cross_validate, cv_summary, train_with_cv
+    from ..train.trainer import TrainConfig
+
+    if args.resume:
+        raise RsviewerError("--resume does not apply to --cv (each fold is a short run on cached features)")
+    cfg = TrainConfig.from_dict(defaults)
+    log = (lambda m: None) if args.quiet else None
+    kw = dict(images=args.images, model_config=model_cfg, config=cfg, fold_seed=args.fold_seed, log=log,
+              command=command, progress=progress_bar(args))
+    if args.cv_only:
+        report = cross_validate(args.arch, args.data, args.cv, out=args.out, **kw)
+        res = None
+    else:
+        report, res = train_with_cv(args.arch, args.data, args.out, args.cv, **kw)
+    summary = {"out": args.out, "cv": cv_summary(report)}
+    line = (f"cv {args.cv} folds: mR {report['mR_mean']:.2f} ± {report['mR_se']:.2f} (SE) at epoch {report['chosen_epoch']}"
+            + (f", TTA {report['tta']['mR_mean']:.2f} ± {report['tta']['mR_se']:.2f}" if "tta" in report else ""))
+    if res is not None:
+        summary["seconds"] = round(res.seconds, 1)
+        line += f"; saved {res.out} (trained on train+val for {report['chosen_epoch']} epochs)"
+    else:
+        line += f"; report in {args.out}"
+    emit(args, summary, line)
+    return 0
 
 
 def run(args) -> int:
@@ -76,6 +108,10 @@ def run(args) -> int:
     if args.loss:
         model_cfg["loss"] = args.loss
     command = "rsviewer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.cv_only and not args.cv:
+        raise RsviewerError("--cv-only needs --cv K")
+    if args.cv:
+        return _run_cv(args, defaults, model_cfg, command)
     res = train(
         args.arch, args.data, args.out, images=args.images, model_config=model_cfg,
         config=TrainConfig.from_dict(defaults), resume=args.resume, overwrite=args.force,

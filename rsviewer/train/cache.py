@@ -114,6 +114,11 @@ def image_feature_cache(
     if use_cache and (hit := _load_entry(folder)) is not None:
         report(progress, len(paths), len(paths), "image features (cached)")
         return hit
+    # an entry of the same images with more views holds these views first (same order)
+    for more in range(MAX_VIEWS, views, -1):
+        if use_cache and (hit := _load_entry(cache_root() / f"img-{_key({**payload, 'views': more})}")) is not None:
+            report(progress, len(paths), len(paths), f"image features (cached, {views} of {more} views)")
+            return {k: v[:, :views] for k, v in hit.items()}
     chunks: list[dict[str, torch.Tensor]] = []
     total = len(paths)
     with _eval_mode(model):

@@ -65,6 +65,9 @@ class TrainConfig:
     cache: bool = True  # use the on-disk feature cache
     eval_every: int = 1
     ema: float = 0.0  # >0: evaluate and save an exponential moving average of the trained weights
+    # stop after this epoch although the schedule spans ``epochs`` (the epoch count chosen by
+    # cross-validation, train/cv.py: the CV runs saw the same schedule up to that epoch)
+    stop_epoch: Optional[int] = None
 
     def __post_init__(self) -> None:
         """Absurd values are one line here, not a crash after minutes of feature caching."""
@@ -79,6 +82,8 @@ class TrainConfig:
             bad.append(f"ema must be in [0, 1), got {self.ema!r}")
         if not self.lr > 0:
             bad.append(f"lr must be greater than 0, got {self.lr!r}")
+        if self.stop_epoch is not None and not 1 <= self.stop_epoch <= self.epochs:
+            bad.append(f"stop_epoch must be between 1 and epochs, got {self.stop_epoch!r}")
         if bad:
             raise RsviewerError("train config: " + "; ".join(bad))
 
@@ -137,24 +142,50 @@ class _Split:
         self.image_feats: Optional[dict] = None
         self.text_feats: Optional[dict] = None
 
+    def subset(self, rows: np.ndarray, label_names: list[str]) -> "_Split":
+        """The images ``rows`` with their captions and the matching rows of the cached features."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ds = Dataset(self.ds.name, self.ds.source, self.ds.format, [self.ds.items[i] for i in rows], self.ds.images_dir)
+        sub = _Split(ds, label_names)
+        caps = np.concatenate([self.image_caps[i] for i in rows])
+        if self.image_feats is not None:
+            sub.image_feats = {k: np.asarray(v[rows]) for k, v in self.image_feats.items()}
+        if self.text_feats is not None:
+            sub.text_feats = {k: np.asarray(v[caps]) for k, v in self.text_feats.items()}
+        return sub
+
+
+def cached_similarity(model: RetrievalModel, split: _Split, device, tta: bool = False, batch: int = 256) -> np.ndarray:
+    """(N_images, N_captions) scores from cached features: view 0, or with ``tta`` the mean
+    of the unit embeddings of every cached view (dual encoders; see retrieval/tta.py)."""
+    model.eval()
+    n = len(split.ds)
+    n_views = next(iter(split.image_feats.values())).shape[1]
+    views = range(n_views) if tta and not model.pairwise else [0]
+    with torch.no_grad(), autocast(device):
+        per_view = []
+        for v in views:
+            img_states = [
+                model.image_states_from({k: t.to(device) for k, t in gather(split.image_feats, np.arange(s, min(s + batch, n)), np.full(min(s + batch, n) - s, v, dtype=np.int64)).items()})
+                for s in range(0, n, batch)
+            ]
+            per_view.append(_cat_states(img_states))
+        img = per_view[0] if len(per_view) == 1 else {"emb": torch.nn.functional.normalize(torch.stack([p["emb"].float() for p in per_view]).mean(0), dim=-1)}
+        m = len(split.captions)
+        txt_states = [
+            model.text_states_from({k: t.to(device) for k, t in gather(split.text_feats, np.arange(s, min(s + batch, m))).items()})
+            for s in range(0, m, batch)
+        ]
+        return score_all(model, img, _cat_states(txt_states))
+
+
+def _cat_states(parts: list[dict]) -> dict:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
 
 def evaluate_cached(model: RetrievalModel, split: _Split, device, batch: int = 256) -> dict:
     """Val metrics from cached features (view 0), full pairwise scoring for pairwise archs."""
-    model.eval()
-    with torch.no_grad(), autocast(device):
-        n = len(split.ds)
-        img_states = [
-            model.image_states_from({k: v.to(device) for k, v in gather(split.image_feats, np.arange(s, min(s + batch, n)), np.zeros(min(s + batch, n) - s, dtype=np.int64)).items()})
-            for s in range(0, n, batch)
-        ]
-        m = len(split.captions)
-        txt_states = [
-            model.text_states_from({k: v.to(device) for k, v in gather(split.text_feats, np.arange(s, min(s + batch, m))).items()})
-            for s in range(0, m, batch)
-        ]
-        cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
-        sim = score_all(model, cat(img_states), cat(txt_states))
-    return retrieval_metrics(sim, caption_image=split.cap_image)
+    return retrieval_metrics(cached_similarity(model, split, device, batch=batch), caption_image=split.cap_image)
 
 
 def score_all(model: RetrievalModel, img: dict, txt: dict, chunk: int = 64) -> np.ndarray:
@@ -166,6 +197,126 @@ def score_all(model: RetrievalModel, img: dict, txt: dict, chunk: int = 64) -> n
     for s in range(0, n, chunk):
         rows.append(model.score({k: v[s : s + chunk] for k, v in img.items()}, txt).float().cpu())
     return torch.cat(rows).numpy()
+
+
+def load_splits(full: Dataset, cfg: TrainConfig) -> tuple[Dataset, Optional[Dataset]]:
+    """The training images (``train_split``, e.g. ``train`` or ``train+val``) and the
+    selection split (``val_split``; empty = none, the epoch count was chosen by CV)."""
+    names = [n for n in cfg.train_split.split("+") if n]
+    parts = [full.split(n) for n in names]
+    train_ds = Dataset(full.name, full.source, full.format, [it for p in parts for it in p.items], full.images_dir)
+    train_ds = _subset(train_ds, cfg.max_train_images, cfg.seed)
+    val_ds = None
+    if cfg.val_split:
+        if cfg.val_split in names:
+            raise RsviewerError(f"cannot select on {cfg.val_split!r}: it is part of the training data")
+        try:
+            val_ds = _subset(full.split(cfg.val_split), cfg.max_val_images, cfg.seed)
+        except DatasetError:
+            raise DatasetError(
+                f"{full.name} has no {cfg.val_split!r} split to select on; splits: {full.splits()}"
+            ) from None
+        val_ds.check_images()
+    train_ds.check_images()
+    return train_ds, val_ds
+
+
+def cache_split(model: RetrievalModel, split: _Split, views: int, device, progress=None, cancel=None, use_cache=True) -> None:
+    """Fill ``split``'s cached features. Image features are cached per dataset split (train,
+    val, ...) and concatenated, so train+val and CV folds reuse the entries of a plain run."""
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(split.ds.items):
+        groups.setdefault(it.split, []).append(i)
+    order = np.concatenate([np.asarray(g) for g in groups.values()])
+    parts = [
+        image_feature_cache(model, [split.paths[i] for i in g], views, device=device, progress=progress, cancel=cancel, use_cache=use_cache)
+        for g in groups.values()
+    ]
+    if len(parts) == 1:
+        split.image_feats = parts[0]  # memory-mapped as read
+    else:
+        inverse = np.argsort(order)  # back to the split's item order
+        split.image_feats = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+    split.text_feats = split_text_features(model, split, groups, device, progress, cancel, use_cache)
+
+
+def split_text_features(model, split: _Split, groups: dict[str, list[int]], device, progress=None, cancel=None, use_cache=True) -> dict:
+    """Caption features cached per dataset split like the image features, concatenated in
+    the split's caption order (token-level features padded with zeros to one length)."""
+    if len(groups) <= 1:
+        return text_feature_cache(model, split.captions, device=device, progress=progress, cancel=cancel, use_cache=use_cache)
+    cap_rows = [np.concatenate([split.image_caps[i] for i in g]) for g in groups.values()]
+    parts = [text_feature_cache(model, [split.captions[c] for c in rows], device=device, progress=progress, cancel=cancel, use_cache=use_cache)
+             for rows in cap_rows]
+    inverse = np.argsort(np.concatenate(cap_rows))
+    out = {}
+    for k in parts[0]:
+        arrs = [np.asarray(p[k]) for p in parts]
+        if arrs[0].ndim > 1 and len({a.shape[1] for a in arrs}) > 1:  # per-split padded token length
+            n = max(a.shape[1] for a in arrs)
+            arrs = [np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrs]
+        out[k] = np.concatenate(arrs)[inverse]
+    return out
+
+
+def make_optimizer(model: RetrievalModel, cfg: TrainConfig, steps_per_epoch: int):
+    """AdamW with one group per (lr multiplier, decay or not), warm-up + cosine over ``epochs``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scales = model.lr_scales()
+    groups: dict[tuple[float, bool], list] = {}
+    for n, p in named:
+        mult = next((v for k, v in scales.items() if n.startswith(k)), 1.0)
+        groups.setdefault((mult, p.ndim >= 2), []).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": ps, "lr": cfg.lr * mult, "weight_decay": cfg.weight_decay if dec else 0.0}
+         for (mult, dec), ps in sorted(groups.items(), key=lambda kv: (-kv[0][1], -kv[0][0]))],
+        lr=cfg.lr,
+    )
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup))
+    return opt, sched, [p for _, p in named], total
+
+
+def train_epoch(model, tr: _Split, cfg: TrainConfig, opt, sched, params, ema, rng, epoch: int,
+                steps_per_epoch: int, total: int, views: int, device, progress=None, cancel=None) -> float:
+    """One epoch over the cached features of ``tr``; returns the mean loss."""
+    model.train()
+    bs = min(cfg.batch_size, len(tr.ds))
+    order = rng.permutation(len(tr.ds))
+    losses: list[float] = []
+    for b in range(steps_per_epoch):
+        check(cancel)
+        rows = order[b * bs : (b + 1) * bs]
+        view = rng.integers(0, views, size=len(rows))
+        cap = np.array([rng.choice(tr.image_caps[i]) for i in rows])
+        batch: dict[str, Any] = {
+            "image_feats": {k: v.to(device) for k, v in gather(tr.image_feats, rows, view).items()},
+            "text_feats": {k: v.to(device) for k, v in gather(tr.text_feats, cap).items()},
+            "image_index": torch.as_tensor(rows, device=device),
+            "label_index": torch.as_tensor(tr.labels[rows], device=device),
+            "captions": [tr.captions[c] for c in cap],
+            "epoch": epoch,
+            "step": epoch * steps_per_epoch + b,
+            "total_steps": total,
+        }
+        with autocast(device):
+            terms = model.training_loss(batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise RsviewerError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if hasattr(model, "after_step"):
+            model.after_step(batch)
+        if ema is not None:
+            ema.update(model)
+        losses.append(float(loss.detach()))
+        report(progress, epoch * steps_per_epoch + b + 1, total, f"epoch {epoch + 1}/{cfg.epochs}")
+    return float(np.mean(losses))
 
 
 def train(
@@ -181,8 +332,10 @@ def train(
     log=None,
     command: Optional[str] = None,
     overwrite: bool = False,
+    extra_metrics: Optional[dict] = None,
 ) -> TrainResult:
-    """Train ``arch`` on the train split of ``data``; save the best-on-val model to ``out``.
+    """Train ``arch`` on ``cfg.train_split`` of ``data``; save the best-on-val model to ``out``
+    (or, without a val split, the model after ``stop_epoch``/``epochs``).
 
     ``out`` must be absent or empty, or a model folder rsviewer wrote (with ``overwrite``,
     or ``resume``); it is checked and claimed before any work."""
@@ -198,19 +351,12 @@ def train(
     device = pick_device(cfg.device)
 
     full = load_dataset(data, images=images)
-    train_ds = _subset(full.split(cfg.train_split), cfg.max_train_images, cfg.seed)
-    try:
-        val_ds = _subset(full.split(cfg.val_split), cfg.max_val_images, cfg.seed)
-    except DatasetError:
-        raise DatasetError(
-            f"{full.name} has no {cfg.val_split!r} split to select on; splits: {full.splits()}"
-        ) from None
-    train_ds.check_images()
-    val_ds.check_images()
+    train_ds, val_ds = load_splits(full, cfg)
     claim_output_dir(out, "model", overwrite=overwrite or resume, inputs=[data, images, full.images_dir],
                      label="output model folder")
     label_names = sorted({it.label for it in train_ds.items if it.label})
-    tr, va = _Split(train_ds, label_names), _Split(val_ds, label_names)
+    tr = _Split(train_ds, label_names)
+    va = _Split(val_ds, label_names) if val_ds is not None else None
 
     state = None
     if resume:
@@ -230,30 +376,16 @@ def train(
     model.to(device)
 
     views = cfg.views if model.cache_features else 1
-    if model.cache_features:
-        log(f"caching frozen features: {len(tr.ds)} train images × {views} views, {len(va.ds)} val images")
-        tr.image_feats = image_feature_cache(model, tr.paths, views, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
-        tr.text_feats = text_feature_cache(model, tr.captions, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
-        va.image_feats = image_feature_cache(model, va.paths, 1, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
-        va.text_feats = text_feature_cache(model, va.captions, device=device, progress=progress, cancel=cancel, use_cache=cfg.cache)
-    else:
+    if not model.cache_features:
         raise RsviewerError(f"{arch}: end-to-end training without feature caching needs a GPU run; see docs")
+    log(f"caching frozen features: {len(tr.ds)} train images × {views} views" + (f", {len(va.ds)} val images" if va else ""))
+    cache_split(model, tr, views, device, progress, cancel, cfg.cache)
+    if va is not None:
+        cache_split(model, va, 1, device, progress, cancel, cfg.cache)
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    scales = model.lr_scales()
-    groups: dict[tuple[float, bool], list] = {}
-    for n, p in named:  # one group per (lr multiplier, decay or not)
-        mult = next((v for k, v in scales.items() if n.startswith(k)), 1.0)
-        groups.setdefault((mult, p.ndim >= 2), []).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": ps, "lr": cfg.lr * mult, "weight_decay": cfg.weight_decay if dec else 0.0}
-         for (mult, dec), ps in sorted(groups.items(), key=lambda kv: (-kv[0][1], -kv[0][0]))],
-        lr=cfg.lr,
-    )
     steps_per_epoch = max(1, len(tr.ds) // min(cfg.batch_size, len(tr.ds)))
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup))
+    opt, sched, params, total = make_optimizer(model, cfg, steps_per_epoch)
+    last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
     history: list[dict] = []
     best = {"mR": -1.0, "epoch": -1, "val": {}}
     start_epoch = 0
@@ -265,52 +397,23 @@ def train(
         t_start -= float(state.get("wall_seconds", 0.0))  # wall time counts the earlier part too
         rng = np.random.default_rng(cfg.seed + start_epoch)
         torch.manual_seed(cfg.seed + start_epoch)
-        log(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (best val mR so far {best['mR']:.2f})")
+        log(f"resuming at epoch {start_epoch + 1}/{cfg.epochs}" + (f" (best val mR so far {best['mR']:.2f})" if va else ""))
 
     ema = _Ema(model, cfg.ema) if cfg.ema > 0 else None
     if ema is not None and state is not None and state.get("ema"):
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
 
-    bs = min(cfg.batch_size, len(tr.ds))
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        order = rng.permutation(len(tr.ds))
-        losses: list[float] = []
+    for epoch in range(start_epoch, last_epoch):
         t_ep = time.time()
-        for b in range(steps_per_epoch):
-            check(cancel)
-            rows = order[b * bs : (b + 1) * bs]
-            view = rng.integers(0, views, size=len(rows))
-            cap = np.array([rng.choice(tr.image_caps[i]) for i in rows])
-            batch: dict[str, Any] = {
-                "image_feats": {k: v.to(device) for k, v in gather(tr.image_feats, rows, view).items()},
-                "text_feats": {k: v.to(device) for k, v in gather(tr.text_feats, cap).items()},
-                "image_index": torch.as_tensor(rows, device=device),
-                "label_index": torch.as_tensor(tr.labels[rows], device=device),
-                "captions": [tr.captions[c] for c in cap],
-                "epoch": epoch,
-                "step": epoch * steps_per_epoch + b,
-                "total_steps": total,
-            }
-            with autocast(device):
-                terms = model.training_loss(batch)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise RsviewerError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            if hasattr(model, "after_step"):
-                model.after_step(batch)
-            if ema is not None:
-                ema.update(model)
-            losses.append(float(loss.detach()))
-            report(progress, epoch * steps_per_epoch + b + 1, total, f"epoch {epoch + 1}/{cfg.epochs}")
-        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - t_ep, 2)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        loss = train_epoch(model, tr, cfg, opt, sched, params, ema, rng, epoch, steps_per_epoch, total, views, device, progress, cancel)
+        row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.time() - t_ep, 2)}
+        if va is None:  # no selection split: the model after the last epoch is the one
+            if epoch + 1 == last_epoch:
+                with _swapped(model, ema):
+                    save_model(model.cpu(), out, metrics=None)
+                    model.to(device)
+                best = {"mR": float("nan"), "epoch": epoch + 1, "val": {}}
+        elif (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == last_epoch:
             with _swapped(model, ema):
                 val = evaluate_cached(model, va, device)
                 row["val_mR"] = round(val["mR"], 3)
@@ -340,9 +443,9 @@ def train(
                 },
                 fh,
             )
-        _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=False)
+        _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=False, extra=extra_metrics, n_train=len(tr.ds))
 
-    _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=True)
+    _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=True, extra=extra_metrics, n_train=len(tr.ds))
     (out / STATE).unlink(missing_ok=True)
     return TrainResult(out, best["epoch"], best["val"], history, time.time() - t_start)
 
@@ -385,7 +488,7 @@ class _swapped:
         return False
 
 
-def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final):
+def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final, extra=None, n_train=None):
     from ..utils.atomic import write_json
 
     if not (out / "config.json").exists():
@@ -396,8 +499,10 @@ def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, 
         "images": str(images) if images else None,
         "dataset": full.name,
         "train_split": cfg.train_split,
-        "n_train_images": len(full.split(cfg.train_split)) if cfg.max_train_images is None else cfg.max_train_images,
-        "selected_on": cfg.val_split,
+        "n_train_images": n_train,
+        # where the epoch (and recipe) was chosen: a val split, or cross-validation (extra["cv"])
+        "selected_on": cfg.val_split or ("cross-validation" if extra and "cv" in extra else "none"),
+        "saw_val": "val" in cfg.train_split.split("+"),
         "command": command or "rsviewer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "seed": cfg.seed,
         "device": str(device),
@@ -412,5 +517,6 @@ def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, 
         "val": best["val"],
         "parameters": model.parameter_counts(),
         "history": history,
+        **(extra or {}),
     }
     write_json(out / METRICS, metrics)

@@ -1,0 +1,167 @@
+"""Cross-validated selection (train/cv.py) and the ensemble model type (archs/ensemble.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import GALLERY_JSON, UCM_JSON, needs_shared
+from rsviewer.archs.ensemble import build_ensemble
+from rsviewer.checkpoint import load_model, read_config, save_model
+from rsviewer.data import load_dataset
+from rsviewer.errors import ModelError, RsviewerError
+from rsviewer.train.cv import cross_validate, ensemble_cv, image_folds, load_cv_sims, train_with_cv
+from rsviewer.train.trainer import TrainConfig
+
+TINY_CV = dict(epochs=2, batch_size=12, max_train_images=36, views=2, lr=2e-3, ema=0.9)
+TINY_MODEL = {"hidden": 64, "embed_dim": 32}
+
+
+@needs_shared()
+def test_cv_folds_never_share_an_image():
+    ds = load_dataset(UCM_JSON)
+    union = ds.split("train").items + ds.split("val").items
+    from rsviewer.data import Dataset
+
+    u = Dataset(ds.name, ds.source, ds.format, union, ds.images_dir)
+    folds = image_folds(u, 9, seed=0)
+    flat = np.concatenate(folds)
+    assert len(flat) == len(u) == len(set(flat.tolist()))  # a partition of the images
+    files = [{str(u.items[i].image) for i in f} for f in folds]
+    for a in range(9):
+        for b in range(a + 1, 9):
+            assert not files[a] & files[b]
+    # 1,890 UCM images, 90 per label: every fold holds 210 images, 10 of each label
+    assert {len(f) for f in folds} == {210}
+    labels = [sorted(u.items[i].label for i in f) for f in folds]
+    assert all(lab.count(lab[0]) == 10 for lab in labels)
+    assert folds[0].tolist() != image_folds(u, 9, seed=1)[0].tolist()
+    with pytest.raises(RsviewerError, match="at least 2"):
+        image_folds(u, 1)
+
+
+@needs_shared()
+def test_cv_then_final_model_on_train_and_val(tmp_path):
+    cfg = TrainConfig(**TINY_CV)
+    out = tmp_path / "m"
+    report, res = train_with_cv("lite", UCM_JSON, out, 3, model_config=TINY_MODEL, config=cfg, log=lambda m: None)
+    assert report["k"] == 3 and len(report["folds"]) == 3
+    assert sum(f["n_held_images"] for f in report["folds"]) == 36
+    assert all(f["n_train_images"] + f["n_held_images"] == 36 for f in report["folds"])
+    assert [r["epoch"] for r in report["curve"]] == [1, 2]
+    assert report["chosen_epoch"] in (1, 2)
+    vals = report["mR_per_fold"]
+    assert report["mR_mean"] == pytest.approx(np.mean(vals), abs=1e-3)
+    assert report["mR_se"] == pytest.approx(np.std(vals, ddof=1) / np.sqrt(3), abs=1e-3)
+    assert "tta" in report  # dual encoder: held-out TTA measured alongside
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["saw_val"] is True and met["selected_on"] == "cross-validation"
+    assert met["train_split"] == "train+val" and met["epochs_run"] == report["chosen_epoch"]
+    assert met["cv"]["mR_mean"] == report["mR_mean"] and met["cv"]["folds_digest"] == report["folds_digest"]
+    rep, arrays = load_cv_sims(out)  # held-out scores kept for ensemble weights
+    assert arrays["sim0"].shape == (len(arrays["images0"]), len(arrays["cap0"]))
+    load_model(out)  # the final model is a normal model folder
+
+
+def test_ensemble_weights_by_cv_on_stored_scores():
+    rng = np.random.default_rng(0)
+    k, n = 3, 6
+    cap = np.repeat(np.arange(n), 2)
+    truth = (np.arange(n)[:, None] == cap[None, :]).astype(np.float32)
+
+    def member(noise):
+        arrays = {}
+        for f in range(k):
+            arrays[f"sim{f}"] = (truth + noise * rng.standard_normal(truth.shape)).astype(np.float16)
+            arrays[f"cap{f}"] = cap
+        return {"k": k, "folds_digest": "x"}, arrays
+
+    good, bad = member(0.3), member(5.0)
+    rep = ensemble_cv([good, bad], step=0.25)
+    assert rep["weights"][0] > rep["weights"][1]  # the informative member dominates
+    assert rep["mR_mean"] >= rep["members_alone"][1]["mR_mean"]
+    assert len(rep["nested"]["mR_per_fold"]) == k
+    with pytest.raises(RsviewerError, match="different folds"):
+        ensemble_cv([good, ({"k": k, "folds_digest": "y"}, bad[1])])
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    from rsviewer.archs.registry import create_model
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = create_model("lite", **TINY_MODEL)
+        paths.append(save_model(m, root / f"m{seed}"))
+    return root, paths
+
+
+def _pixels():
+    from PIL import Image
+
+    d = json.loads(GALLERY_JSON.read_text())
+    ims = [Image.open(GALLERY_JSON.parent / "images" / d["images"][i]["filename"]) for i in (0, 1)]
+    return ims
+
+
+TEXTS = ["many planes parked at the airport", "a dense forest"]
+
+
+def test_ensemble_of_one_equals_the_model(two_models):
+    root, (a, _) = two_models
+    model = load_model(a)
+    ens = build_ensemble([str(a)])
+    save_model(ens, root / "ens1")
+    ens = load_model(root / "ens1")
+    assert read_config(root / "ens1")["arch"] == "ensemble"
+    ims = _pixels()
+    with torch.no_grad():
+        s_model = model.score(model.image_states(model.preprocess(ims)), model.text_states(TEXTS))
+        s_ens = ens.score(ens.image_states(ens.preprocess(ims)), ens.text_states(TEXTS))
+    assert torch.allclose(s_model, s_ens, atol=1e-6)
+
+
+def test_ensemble_is_the_weighted_mean_and_checks_members(two_models, tmp_path):
+    root, (a, b) = two_models
+    ma, mb = load_model(a), load_model(b)
+    ens = build_ensemble([str(a), str(b)], [0.7, 0.3])
+    ims = _pixels()
+    with torch.no_grad():
+        sa = ma.score(ma.image_states(ma.preprocess(ims)), ma.text_states(TEXTS))
+        sb = mb.score(mb.image_states(mb.preprocess(ims)), mb.text_states(TEXTS))
+        se = ens.score(ens.image_states(ens.preprocess(ims)), ens.text_states(TEXTS))
+        emb = ens.encode_image(ens.preprocess(ims))
+    assert torch.allclose(se, 0.7 * sa + 0.3 * sb, atol=1e-5)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)  # a dual encoder like any other
+    save_model(ens, tmp_path / "e")
+    other = save_model(build_ensemble([str(a), str(b)], [0.5, 0.5]), tmp_path / "e2")
+    assert read_config(tmp_path / "e")["fingerprint"] != read_config(other)["fingerprint"]
+    # a member that changed since the ensemble was built is refused with one clear line
+    torch.manual_seed(5)
+    from rsviewer.archs.registry import create_model
+
+    save_model(create_model("lite", **TINY_MODEL), b)
+    with pytest.raises(ModelError, match="changed since the ensemble was built"):
+        load_model(tmp_path / "e")
+
+
+def test_ensemble_tta_is_the_mean_of_dihedral_views(two_models):
+    from rsviewer.train.cache import dihedral
+
+    _, (a, _) = two_models
+    model = load_model(a)
+    ens = build_ensemble([str(a)], views=8)
+    ims = _pixels()
+    with torch.no_grad():
+        x = model.preprocess(ims)
+        mean = torch.stack([model.encode_image(dihedral(x, v)) for v in range(8)]).mean(0)
+        got = ens.encode_image(ens.preprocess(ims))
+    assert torch.allclose(got, torch.nn.functional.normalize(mean, dim=-1), atol=1e-5)
+    # a rotated image gets the same TTA embedding (the views form a group)
+    with torch.no_grad():
+        rot = ens.encode_image(dihedral(ens.preprocess(ims), 1))
+    assert torch.allclose(rot, got, atol=1e-4)
