@@ -321,3 +321,15 @@ def test_long_query_is_truncated_and_said_so(tiny_vit):
 
     ex = explain(tiny_vit, images(1)[0], "a very long description of the scene " * 20, "maskclip")
     assert "cut" in ex.info["truncated"] and tiny_vit.last_truncated == [True]
+
+
+def test_classify_uses_the_models_own_calibration(tmp_path, tiny_vit):
+    from rsviewer.retrieval.classify import classify
+
+    for cls in ("tenniscourt", "river"):
+        (tmp_path / cls).mkdir()
+        for i, im in enumerate(images(2, seed=len(cls))):
+            im.save(tmp_path / cls / f"{i}.png")
+    res = classify(tiny_vit, tmp_path)
+    assert res["n"] == 4 and res["calibration"].startswith("softmax(")
+    assert all(0.5 <= p["probability"] <= 1.0 for p in res["predictions"])  # argmax of a 2-way softmax

@@ -19,6 +19,8 @@ def run(args) -> int:
     model = load(args)
     res = classify(model, args.images, progress=progress_bar(args))
     out = {k: res[k] for k in ("accuracy", "n", "per_class")}
+    if res.get("calibration"):
+        out["calibration"] = res["calibration"]  # how --predictions probabilities were computed
     if args.predictions:
         out["predictions"] = res["predictions"]
         out["prompts"] = res["prompts"]
