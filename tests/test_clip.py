@@ -79,6 +79,19 @@ def test_tokenizer_reference_ids_and_truncation():
     assert ids[1, 0] == 49406 and ids[1, -1] == 49407  # truncation keeps the end token
 
 
+def test_tokenizer_agrees_with_transformers(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from rsviewer.nets.clip.tokenizer import get_tokenizer, write_hf_files
+
+    hf = CLIPTokenizer(*map(str, write_hf_files(tmp_path)))
+    text = ["Two tennis courts, 3 cars & it's naïve", "a photo of a cat"]
+    ours = get_tokenizer()(text)[0]
+    for row, t in zip(ours, text):
+        ids = hf(t)["input_ids"]
+        assert row[: len(ids)].tolist() == ids
+
+
 # ---- OpenAI / open_clip layout -----------------------------------------------------------------------
 @pytest.mark.parametrize("name,act,wrap", [
     ("RemoteCLIP-ViT-tiny.pt", "quick_gelu", "plain"),
