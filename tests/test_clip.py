@@ -79,6 +79,19 @@ def test_tokenizer_reference_ids_and_truncation():
     assert ids[1, 0] == 49406 and ids[1, -1] == 49407  # truncation keeps the end token
 
 
+def test_tokenizer_agrees_with_transformers(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from rsviewer.nets.clip.tokenizer import get_tokenizer, write_hf_files
+
+    hf = CLIPTokenizer(*map(str, write_hf_files(tmp_path)))
+    text = ["Two tennis courts, 3 cars & it's naïve", "a photo of a cat"]
+    ours = get_tokenizer()(text)[0]
+    for row, t in zip(ours, text):
+        ids = hf(t)["input_ids"]
+        assert row[: len(ids)].tolist() == ids
+
+
 # ---- OpenAI / open_clip layout -----------------------------------------------------------------------
 @pytest.mark.parametrize("name,act,wrap", [
     ("RemoteCLIP-ViT-tiny.pt", "quick_gelu", "plain"),
@@ -321,3 +334,15 @@ def test_long_query_is_truncated_and_said_so(tiny_vit):
 
     ex = explain(tiny_vit, images(1)[0], "a very long description of the scene " * 20, "maskclip")
     assert "cut" in ex.info["truncated"] and tiny_vit.last_truncated == [True]
+
+
+def test_classify_uses_the_models_own_calibration(tmp_path, tiny_vit):
+    from rsviewer.retrieval.classify import classify
+
+    for cls in ("tenniscourt", "river"):
+        (tmp_path / cls).mkdir()
+        for i, im in enumerate(images(2, seed=len(cls))):
+            im.save(tmp_path / cls / f"{i}.png")
+    res = classify(tiny_vit, tmp_path)
+    assert res["n"] == 4 and res["calibration"].startswith("softmax(")
+    assert all(0.5 <= p["probability"] <= 1.0 for p in res["predictions"])  # argmax of a 2-way softmax

@@ -107,6 +107,11 @@ class Clip(RetrievalModel):
     def sigmoid_scores(self) -> bool:
         return self.tower.kind == "hf" and self.tower.sigmoid
 
+    @property
+    def calibration_name(self) -> str:
+        s, b = self.logit_scale_bias()
+        return f"sigmoid({s:.3g}·cos {b:+.3g})" if self.sigmoid_scores else f"softmax({s:.3g}·cos) over the classes"
+
     def calibrate(self, cos: torch.Tensor) -> torch.Tensor:
         """Cosines (N, C) → the model's own probabilities: softmax over the C classes at
         its logit scale (CLIP), or independent sigmoid(scale·cos + bias) (SigLIP)."""

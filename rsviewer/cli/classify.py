@@ -23,6 +23,8 @@ def run(args) -> int:
     model = load(args)
     res = classify(model, ds, progress=progress_bar(args), runtime=args.runtime)
     out = {k: res[k] for k in ("accuracy", "n", "per_class")}
+    if res.get("calibration"):
+        out["calibration"] = res["calibration"]  # how --predictions probabilities were computed
     if args.predictions:
         out["predictions"] = res["predictions"]
         out["prompts"] = res["prompts"]

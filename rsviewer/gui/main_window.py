@@ -137,6 +137,7 @@ class MainWindow(QMainWindow):
                          ("Open index folder…", lambda: self.panel._gallery_activated(
                              self.panel.gallery_combo.findData("__open__index"))),
                          ("Open model folder…", self._open_model_dialog),
+                         ("Open model checkpoint file…", self._open_model_file_dialog),
                          ("Search with an image…", self.panel.browse_image),
                          ("Open scene…", self._open_scene_dialog)):
             a = QAction(text, self)
@@ -294,6 +295,13 @@ class MainWindow(QMainWindow):
         folder = QFileDialog.getExistingDirectory(self, "Open model folder")
         if folder:
             self.set_model(folder)
+
+    def _open_model_file_dialog(self) -> None:
+        # OpenAI/open_clip checkpoints (RemoteCLIP, GeoRSCLIP, SkyCLIP ...); HF folders via "Open model folder…"
+        path, _ = QFileDialog.getOpenFileName(self, "Open model checkpoint", "",
+                                              "CLIP checkpoints (*.pt *.pth *.bin *.safetensors *.ckpt);;All files (*)")
+        if path:
+            self.set_model(path)
 
     def _open_scene_dialog(self) -> None:
         self.tabs.setCurrentWidget(self.scene)
@@ -489,10 +497,15 @@ class MainWindow(QMainWindow):
         return kind
 
     def _route_drop(self, p: Path) -> str:
+        from ..checkpoint import format_of
+
         on_scene = self.tabs.currentWidget() is self.scene
         if not p.exists():
             self.show_error(f"{p.name}: no such file")
             return ""
+        if format_of(p) is not None:  # a model folder, a Hugging Face folder or a CLIP checkpoint file
+            self.set_model(str(p))
+            return "model"
         if p.is_dir():
             self.set_gallery(str(p))
             return "gallery"
@@ -509,7 +522,7 @@ class MainWindow(QMainWindow):
                 return "anno" if self.open_anno(p) else ""
             self.set_gallery(str(p))
             return "gallery"
-        self.show_error(f"{p.name}: drop an image, a dataset JSON/CSV, an image folder or an index folder")
+        self.show_error(f"{p.name}: drop an image, a dataset JSON/CSV, an image folder, an index folder or a model")
         return ""
 
     def open_anno(self, path: Path) -> bool:

@@ -101,6 +101,9 @@ def classify(
     cls = class_embeddings(model, names, runtime=runtime)
     scores = img @ cls.T
     pred = scores.argmax(1).numpy()
+    # CLIP-family models calibrate cosines themselves: softmax at their logit scale, or SigLIP's sigmoid + bias
+    calibrate = getattr(model, "calibrate", None)
+    probs = calibrate(scores).numpy() if callable(calibrate) else None
     y = np.array([names.index(l) if l in names else -1 for l in labels])
     known = y >= 0
     per_class = {}
@@ -114,5 +117,10 @@ def classify(
         "per_class": per_class,
         "classes": names,
         "prompts": class_prompts(model, names),
-        "predictions": [{"id": it.id, "label": it.label, "predicted": names[p]} for it, p in zip(ds.items, pred)],
+        "predictions": [
+            {"id": it.id, "label": it.label, "predicted": names[p],
+             **({"probability": round(float(probs[i, p]), 5)} if probs is not None else {})}
+            for i, (it, p) in enumerate(zip(ds.items, pred))
+        ],
+        "calibration": getattr(model, "calibration_name", None) if probs is not None else None,
     }

@@ -279,7 +279,8 @@ def load_checked(module: nn.Module, tensors: dict[str, torch.Tensor], name: str,
     missing = [k for k in want if k not in tensors and not k.endswith(optional)]
     if missing:
         raise ModelError(f"{name}: {len(missing)} tensors missing, e.g. {missing[:2]}")
-    module.load_state_dict({k: v.float() for k, v in tensors.items() if k in want}, strict=False)
+    # assign: the module takes the loaded tensors as they are (no second 600 MB copy for a ViT-B)
+    module.load_state_dict({k: v.float().contiguous() for k, v in tensors.items() if k in want}, strict=False, assign=True)
 
 
 class OpenAIViT(nn.Module):
@@ -324,7 +325,17 @@ class OpenAIResNet(nn.Module):
             self.logit_scale.data.copy_(sd["logit_scale"].reshape(()))
 
 
+def _no_init():
+    """Skip random initialisation of tensors the checkpoint overwrites anyway (seconds for a ViT-B)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers ≥ 5
+    except ImportError:  # pragma: no cover — transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def build_tower(cfg: dict, sd: dict, name: str = "checkpoint") -> nn.Module:
-    tower = OpenAIViT(cfg) if cfg["layout"] == "openai-vit" else OpenAIResNet(cfg)
+    with _no_init():
+        tower = OpenAIViT(cfg) if cfg["layout"] == "openai-vit" else OpenAIResNet(cfg)
     tower.load(sd, cfg, name)
     return tower.eval()
