@@ -106,7 +106,7 @@ def demo_steps(win, query: Optional[str], tab: Optional[str]) -> Iterator[tuple[
         win.panel.query.setEditText(text)
         win.run_text(text)
     yield "search", lambda: win.last_result is not None or bool(win.last_error), 300
-    yield "thumbnails", lambda: thumbs().idle(), 60
+    yield "thumbnails", lambda: thumbs().idle() and win.panel.drop.cache.idle(), 60
     if tab == "map":
         win.tabs.setCurrentWidget(win.map)
         win.map.compute()
