@@ -79,3 +79,20 @@ def test_visible_hits_top_k_inside_the_map_filter():
     assert [h.row for h in s.visible_hits()] == [1, 3, 5]
     s.set_map_filter(set(), "empty lasso")  # an empty selection clears the filter: back to top K
     assert s.map_filter is None and len(s.visible_hits()) == 20
+
+
+def test_query_asked_during_a_model_switch_runs_on_the_new_model():
+    s = _loaded()
+    s.begin("load", ("other", None))
+    q = Query("text", "a beach")
+    assert not s.ask(q)  # its result on the old model would be dropped: it waits
+    assert s.loaded(object(), object(), "other", None) == q
+
+
+def test_query_waiting_for_a_failed_load_runs_on_the_old_model():
+    s = _loaded()
+    t = s.begin("load", ("broken", None))
+    q = Query("text", "a beach")
+    assert not s.ask(q)
+    s.end(t)
+    assert s.load_failed() == q and s.ask(q)
