@@ -171,10 +171,7 @@ def test_explain_panel(win, qtbot, tmp_path):
     qtbot.waitUntil(_search_done(win), timeout=WAIT)
     qtbot.waitUntil(lambda: win.details.image_rgb is not None, timeout=WAIT)
     mod, reason = explain_module()
-    if mod is None:
-        win.explain_current()
-        assert "not available" in win.details.panel.status.text()
-        return
+    assert mod is not None, reason  # a broken or missing engine fails here, never passes quietly
     panel = win.details.panel
     methods = [panel.method.itemData(i) for i in range(panel.method.count())]
     assert methods, panel.status.text()
@@ -183,6 +180,9 @@ def test_explain_panel(win, qtbot, tmp_path):
     qtbot.keyClick(win, Qt.Key_E, Qt.ControlModifier)
     qtbot.waitUntil(lambda: win.details.expl is not None or "Could not" in panel.status.text(), timeout=WAIT)
     assert win.details.expl is not None, panel.status.text()
+    heat = np.asarray(win.details.expl.heatmap, np.float32)
+    assert heat.ndim == 2 and np.isfinite(heat).all() and heat.max() > heat.min()  # a real map
+    assert "explained score" in panel.status.text()
     before = win.details.composite().copy()
     panel.opacity.setValue(90)
     assert not np.array_equal(before, win.details.composite())
@@ -274,7 +274,11 @@ def test_map_lasso_filters_results(win, qtbot):
     assert win.map_filter is None
 
 
+SCENE_QUERY = "a parking lot with many cars"
+
+
 def _small_scene(tmp_path) -> Path:
+    """A 2×2 mosaic of demo images with a SeLo anno.json next to it (one annotated query)."""
     from PIL import Image
 
     paths = sorted((DEMO.parent / "images").glob("*.jpg"))[:4]
@@ -283,6 +287,9 @@ def _small_scene(tmp_path) -> Path:
         canvas.paste(Image.open(p).convert("RGB").resize((256, 256)), ((i % 2) * 256, (i // 2) * 256))
     out = tmp_path / "scene.png"
     canvas.save(out)
+    anno = [{"caption": SCENE_QUERY, "jpg_name": "scene.png", "label": "parking",
+             "points": [[[0, 0], [256, 0], [256, 256], [0, 256]]]}]
+    (tmp_path / "anno.json").write_text(json.dumps(anno))
     return out
 
 
@@ -298,28 +305,35 @@ def test_scene_localize_and_cancel(win, qtbot, tmp_path):
     assert win.scene.scene_obj.size == (512, 512)
     win.scene.view.zoom(4.0)  # zoomed in: full-resolution tiles are read in the background
     qtbot.waitUntil(lambda: bool(win.scene.item.tiles), timeout=WAIT)
-    if localize_module()[0] is None:
-        win.scene.run_localize()
-        assert "not available" in win.scene.info.text()
-        return
-    win.scene.query.setText("a parking lot with many cars")
+    mod, reason = localize_module()
+    assert mod is not None, reason  # a broken or missing engine fails here, never passes quietly
+    assert [a["caption"] for a in win.scene.scene_anno()] == [SCENE_QUERY]  # anno.json next to the scene
+    win.scene.query.setText(SCENE_QUERY)
     win.scene.windows.setCurrentText("256 px")
     win.scene.run_localize()
     qtbot.waitUntil(lambda: win.scene.result is not None or "failed" in win.scene.info.text(), timeout=WAIT)
     assert win.scene.result is not None, win.scene.info.text()
+    prob = np.asarray(win.scene.result.prob, np.float32)
+    assert prob.ndim == 2 and np.isfinite(prob).all() and prob.max() > prob.min()  # a real heatmap
+    assert win.scene.metrics and {"Rsu", "Ras"} <= set(win.scene.metrics), win.scene.metrics
+    assert all(np.isfinite(float(v)) for v in win.scene.metrics.values() if isinstance(v, (int, float)))
     assert win.scene.heat_item is not None and win.scene.heat_item.isVisible()
     qtbot.keyClick(win, Qt.Key_O)
     assert not win.scene.heat_item.isVisible()
     win.scene.save_overlay(tmp_path / "overlay.png")
     assert (tmp_path / "overlay.png").stat().st_size > 1000
-    # a second run, cancelled from the status bar
+    # a second run, cancelled from the status bar at once: it must end cancelled, promptly
     win.scene.result = None
     win.scene.windows.setCurrentText("128, 256 px")
     win.scene.query.setText("a river next to the trees")
     win.scene.run_localize()
+    assert win.jobs.busy("localize")
+    t0 = time.perf_counter()
     win.jobs.widget.cancel_current()
-    qtbot.waitUntil(lambda: not win.jobs.busy("localize"), timeout=WAIT)
-    assert "cancelled" in win.scene.info.text() or win.scene.result is not None  # tiny jobs may finish first
+    qtbot.waitUntil(lambda: not win.jobs.busy("localize"), timeout=10_000)
+    assert time.perf_counter() - t0 < 10.0
+    assert "cancelled" in win.scene.info.text(), win.scene.info.text()
+    assert win.scene.result is None
 
 
 def test_worker_errors_become_messages(qtbot):
@@ -337,6 +351,7 @@ def test_worker_errors_become_messages(qtbot):
     jobs.start("Boom", boom, on_error=got.append)
     qtbot.waitUntil(lambda: bool(got), timeout=10_000)
     assert got == ["ValueError: bad thing"]
+    assert isinstance(got[0].exc, ValueError)  # the exception itself travels with the line
 
     def user(progress, cancel):
         raise QueryError("the query text is empty")
@@ -357,10 +372,18 @@ def test_worker_errors_become_messages(qtbot):
         return "done"
 
     w = jobs.start("Slow", slow, on_result=got.append, on_cancel=lambda: cancelled.append(1))
+    t0 = time.perf_counter()
     w.cancel.set()
     qtbot.waitUntil(lambda: bool(cancelled), timeout=10_000)
-    assert "done" not in got
+    assert time.perf_counter() - t0 < 5.0 and "done" not in got
+    # a job replaced by a newer one in its slot reports nothing: not "cancelled", no result
+    silent = []
+    jobs.start("Old", slow, on_result=silent.append, on_cancel=lambda: silent.append("cancelled"), slot="s")
+    jobs.start("New", lambda p, c: "new", on_result=got.append, slot="s")
+    qtbot.waitUntil(lambda: "new" in got and not jobs.busy("s"), timeout=10_000)
     jobs.wait_all()
+    qtbot.wait(50)
+    assert silent == []
 
 
 def test_empty_query_and_window_stays_usable(win, qtbot):
@@ -373,11 +396,20 @@ def test_empty_query_and_window_stays_usable(win, qtbot):
 
 
 def test_gui_thread_never_stalls(win, qtbot):
-    """Max gap of a 10 ms QTimer while a long engine job runs in a worker: ≤ 100 ms."""
+    """Max gap of a 10 ms QTimer while a long engine job runs in a worker: ≤ 100 ms over
+    the same timer's gap with nothing running, measured first in the same run."""
     from rsviewer.retrieval.search import search_text
 
     model, index = win.model, win.index
     stop = threading.Event()
+    idle = []
+    cal = QTimer()
+    cal.setInterval(10)
+    cal.timeout.connect(lambda: idle.append(time.monotonic()))
+    cal.start()
+    qtbot.wait(600)
+    cal.stop()
+    calib = float(np.diff(idle).max())
 
     def long_job(progress, cancel):
         t0 = time.monotonic()
@@ -400,7 +432,7 @@ def test_gui_thread_never_stalls(win, qtbot):
     stop.set()
     gaps = np.diff(ticks)
     assert done[0] >= 1 and len(ticks) > 20
-    assert gaps.max() < 0.100, f"GUI thread stalled {gaps.max() * 1000:.0f} ms"
+    assert gaps.max() < 0.100 + calib, f"GUI thread stalled {gaps.max() * 1000:.0f} ms (idle {calib * 1000:.0f} ms)"
 
 
 def test_screenshot_cli(qtbot, small_gallery, tmp_path):

@@ -359,6 +359,16 @@ def test_user_cancel_says_cancelled_within_a_bound(win, qtbot, capfd):
 # ------------------------------------------------------------------ 6. nothing heavy on the GUI thread
 
 
+def has_preview(w) -> bool:
+    pm = w.panel.drop.preview.pixmap()
+    return w.panel.drop.preview.isVisible() and pm is not None and not pm.isNull()
+
+
+def previews_idle(w) -> bool:
+    cache = getattr(w.panel.drop, "cache", None)  # the worker-decoded previews
+    return cache is None or cache.idle()
+
+
 def _big_image(path: Path, side: int) -> Path:
     from PIL import Image
 
@@ -378,8 +388,8 @@ def test_big_drop_previews_without_stalling(win, qtbot, tmp_path, capfd, suffix)
     calib = idle_jitter(qtbot)
     with Heartbeat() as hb:
         assert drop(win, big) == "image"
-        qtbot.waitUntil(lambda: win.panel.drop.has_preview() and not win.jobs.busy("search")
-                        and win.panel.drop.cache.idle(), timeout=WAIT)
+        qtbot.waitUntil(lambda: has_preview(win) and not win.jobs.busy("search") and previews_idle(win),
+                        timeout=WAIT)
     assert_no_stall(hb.max_gap, calib, f"7000² {suffix} drop", capfd)
     assert win.query.value == str(big) and win.results.hits()
     pm = win.panel.drop.preview.pixmap()
@@ -391,8 +401,8 @@ def test_12000px_png_previews(win, qtbot, tmp_path, capfd):
     """Past Qt's image allocation limit: the preview is decoded at display size anyway."""
     big = _big_image(tmp_path / "huge.png", 12000)
     assert drop(win, big) == "image"
-    assert not win.panel.drop.has_preview() and "loading preview" in win.panel.drop.preview.text()
-    qtbot.waitUntil(lambda: win.panel.drop.has_preview() and not win.jobs.busy("search"), timeout=WAIT)
+    assert not has_preview(win) and "loading preview" in win.panel.drop.preview.text()  # a placeholder at once
+    qtbot.waitUntil(lambda: has_preview(win) and not win.jobs.busy("search"), timeout=60_000)
     assert win.panel.drop.text.text() == "huge.png"
     assert win.results.hits()
     no_traceback(capfd)
@@ -412,26 +422,26 @@ def test_first_map_and_search_do_not_stall(win, qtbot, capfd):
 # ------------------------------------------------------------------ 7. clean shutdown
 
 CLOSE_SCRIPT = textwrap.dedent("""
-    import sys, time
-    from rsviewer.gui.app import make_app, finish
+    import argparse, sys, time
+    from rsviewer.gui.app import make_app, run_app
     app = make_app()
     from PySide6.QtCore import QTimer
-    from rsviewer.gui.main_window import MainWindow
-    w = MainWindow(model="default")
-    w.show()
+    from PySide6.QtWidgets import QApplication
     when = sys.argv[1]
 
     def close():
-        if when == "loading":
-            assert w.jobs.busy("load") and w.model is None
-        elif w.model is None:
+        wins = [w for w in QApplication.topLevelWidgets() if type(w).__name__ == "MainWindow"]
+        if not wins or (when == "idle" and wins[0].model is None):
             QTimer.singleShot(50, close)
             return
+        w = wins[0]
+        if when == "loading":
+            assert w.jobs.busy("load") and w.model is None
         print("closing", time.time(), flush=True)
         w.close()
 
     QTimer.singleShot(300, close)
-    finish(w, app.exec())
+    sys.exit(run_app(argparse.Namespace(model="default", gallery=None, screenshot=None)))
 """)
 
 

@@ -271,6 +271,7 @@ class MainWindow(QMainWindow):
             return
         self.session.end(ticket)
         self.show_error(f"Could not open: {msg}")
+        waiting = self.session.load_failed()
         model = self.session.model
         if model is not None:  # keep working with what was loaded before
             self.model_label.setText(f"model: {getattr(model, 'name', model.arch)} ({model.arch})")
@@ -279,6 +280,8 @@ class MainWindow(QMainWindow):
                 self.panel.select_gallery(self.session.gallery_spec)
         else:
             self.model_label.setText("model: not loaded")
+        if waiting is not None:
+            self._run(waiting)
 
     def _wanted(self) -> tuple[str, Optional[str]]:
         """(model, gallery) the user asked for last: the load in flight, else what is loaded."""
@@ -351,7 +354,10 @@ class MainWindow(QMainWindow):
                 state.check_text_query(model, q.value)  # after the engine's own checks (length, empty)
                 gt, qrow = state.text_ground_truth(index, q.value), None
             else:
-                res = search_image(model, index, q.value, max(k, 10), labels=opts["labels"])
+                from .util import load_plain
+
+                res = search_image(model, index, load_plain(q.value) or q.value, max(k, 10), labels=opts["labels"])
+                res.query = q.value
                 gt, qrow = state.image_ground_truth(index, q.value), state.gallery_row_of(index, q.value)
             return res, gt, qrow, time.perf_counter() - t0
 

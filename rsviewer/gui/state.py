@@ -370,11 +370,18 @@ class Session:
         return self.model is not None and self.index is not None
 
     def ask(self, q: Query) -> bool:
-        """A query is asked for: True if it can run now, else it waits for the load."""
-        if not self.ready():
+        """A query is asked for: True if it can run now, else it waits for the load
+        (none yet, or a new model/gallery is on its way: its result would be dropped)."""
+        if not self.ready() or "load" in self.jobs:
             self.pending = q
             return False
         return True
+
+    def load_failed(self) -> Optional[Query]:
+        """The load in flight failed: the old model and gallery stay; returns the query
+        that waited for it (to run on them), if any."""
+        again, self.pending = self.pending, None
+        return again if self.ready() else None
 
     def search_succeeded(self, q: Query, result, gt, qrow) -> None:
         self.query, self.result, self.gt, self.qrow = q, result, gt, qrow

@@ -1,0 +1,119 @@
+"""Longest GUI-thread stall of the app's heavy scenarios (issue 16), offscreen.
+
+Usage: python bench/gui_stall.py [--json] [--side 7000]
+A 10 ms QTimer heartbeat runs on the GUI thread; each scenario reports the longest gap
+between two ticks, next to the reference measured first in the same run: the same
+timer's longest gap with nothing running (idle jitter). Scenarios: a text search, a
+dropped side×side PNG and JPEG (preview + image search), the first embedding map of a
+session (PCA, projection cache empty). Issue target: ≤ 100 ms. Default model, demo
+gallery (its shipped index). Runs from a clean clone without installing the package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def big_image(path: Path, side: int) -> Path:
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    arr = np.empty((side, side, 3), np.uint8)
+    arr[..., 0], arr[..., 1], arr[..., 2] = ramp[None, :], ramp[:, None], 128
+    Image.fromarray(arr).save(path, **({"quality": 80} if path.suffix == ".jpg" else {"compress_level": 1}))
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--side", type=int, default=7000)
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="rsviewer-stall-"))
+    os.environ["RSVIEWER_CONFIG_DIR"] = str(tmp / "config")
+    os.environ["RSVIEWER_CACHE"] = str(tmp / "cache")  # no cached map: the first map is computed
+    from PySide6.QtCore import QMimeData, QTimer, QUrl
+
+    from rsviewer.gui.app import finish, make_app
+    from rsviewer.gui.main_window import MainWindow
+
+    app = make_app()
+    w = MainWindow(model="default")
+    w.resize(1400, 900)
+    w.show()
+
+    def wait(cond, secs=600):
+        end = time.monotonic() + secs
+        while not cond() and time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.002)
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+
+    def measure(action, cond) -> float:
+        ticks.clear()
+        timer.start()
+        ticks.append(time.perf_counter())
+        action()
+        wait(cond)
+        ticks.append(time.perf_counter())
+        timer.stop()
+        return float(np.diff(ticks).max() * 1000)
+
+    def drop(path):
+        m = QMimeData()
+        m.setUrls([QUrl.fromLocalFile(str(path))])
+        w.handle_drop(m)
+
+    wait(lambda: w.index is not None)
+    idle_until = time.monotonic() + 1.0
+    out = {"cpu": cpu_name(), "load_avg": os.getloadavg()[0], "side": args.side,
+           "idle_jitter_ms": measure(lambda: None, lambda: time.monotonic() > idle_until)}
+    out["text_search_ms"] = measure(lambda: w.run_text("many planes parked at the airport"),
+                                    lambda: w.last_result is not None and not w.jobs.busy())
+    for suffix in (".png", ".jpg"):
+        p = big_image(tmp / f"big{suffix}", args.side)
+        out[f"drop_{suffix[1:]}_ms"] = measure(lambda p=p: drop(p), lambda p=p: w.query.value == str(p) and not
+                                               w.jobs.busy() and w.panel.drop.cache.idle())
+    w.tabs.setCurrentWidget(w.map)
+    out["first_map_ms"] = measure(lambda: w.map.compute("pca"), lambda: w.map.proj is not None and not w.jobs.busy())
+    out["target_ms"] = 100
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"CPU {out['cpu']} (load average {out['load_avg']:.1f}); reference: idle jitter "
+              f"{out['idle_jitter_ms']:.0f} ms")
+        for k, v in out.items():
+            if k.endswith("_ms") and k not in ("idle_jitter_ms", "target_ms"):
+                print(f"  {k[:-3]:<12} longest stall {v:6.0f} ms")
+    sys.stdout.flush()
+    w.close()
+    return finish(w, 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
