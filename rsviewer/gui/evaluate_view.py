@@ -121,6 +121,11 @@ class QueryTable(QAbstractTableModel):
         self.n = len(da["rank"])
         self.endResetModel()
 
+    def clear(self) -> None:
+        self.beginResetModel()
+        self.cols, self.n = [], 0
+        self.endResetModel()
+
     def column(self, name: str) -> Optional[list]:
         for n, v in self.cols:
             if n == name:
@@ -546,8 +551,11 @@ class EvaluateWidget(QWidget):
                 i = self.model_a.count() - 1
             if i >= 0:
                 self.model_a.setCurrentIndex(i)
-        if changed and self.pqs:
+        if changed and self.pqs:  # the old rows belong to another gallery
             self.pqs = []
+            self.table_model.clear()
+            self.proxy.set_mask(None)
+            self._set_enabled(False)
             self.info.setText(f"Gallery changed to {state.gallery_label(gallery_spec)}: press Compute.")
 
     def select_models(self, a: str, b: Optional[str] = None, rerank: str = "none") -> None:
@@ -576,7 +584,8 @@ class EvaluateWidget(QWidget):
         self.info.setText(f"evaluating {' and '.join(Path(s).name for s in specs)} on "
                           f"{state.gallery_label(gallery)} (rerank {rerank})…")
         self.jobs.start("Evaluate", lambda progress, cancel: evaluate_models(specs, gallery, rerank, progress, cancel),
-                        self._computed, self._failed, slot="evaluate", on_cancel=lambda: self._failed("cancelled"))
+                        lambda out: self._computed(out, gallery), self._failed, slot="evaluate",
+                        on_cancel=lambda: self._failed("cancelled"))
 
     def _failed(self, msg: str) -> None:
         self.compute_button.setEnabled(True)
@@ -584,9 +593,12 @@ class EvaluateWidget(QWidget):
         self.info.setText(f"Evaluation stopped: {msg}" if msg == "cancelled" else f"Evaluation failed: {msg}")
         self.show_status(self.info.text())
 
-    def _computed(self, out: dict) -> None:
+    def _computed(self, out: dict, gallery: Optional[str] = None) -> None:
         self.compute_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        if _gallery_key(gallery) != _gallery_key(self.gallery_spec):
+            self.info.setText("The gallery changed while evaluating: press Compute again.")
+            return
         self.pqs = out["pqs"]
         self.names = [f"{tag}: {pq.model}" for tag, pq in zip("AB", self.pqs)]
         secs = ", ".join(f"{pq.model} {'cached' if c else f'{s:.2f} s'}"
