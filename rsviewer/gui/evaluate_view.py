@@ -31,7 +31,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDia
                                QLabel, QPushButton, QSpinBox, QSplitter, QTableView, QTableWidget, QTableWidgetItem,
                                QTabWidget, QVBoxLayout, QWidget)
 
-from ..retrieval.per_query import KS, class_recall, confusion, per_query, query_labels, score_index, top1_labels
+from ..retrieval.per_query import (KS, Scores, class_recall, confusion, per_query, query_labels, score_index,
+                                   top1_labels)
 from ..utils.atomic import atomic_file
 from . import state, theme
 
@@ -64,7 +65,9 @@ def evaluate_model(spec: str, gallery: Optional[str], rerank: str, progress=None
         return hit, True
     if scores is None:
         index = state.open_gallery(gallery, model, progress, cancel)
-        scores = score_index(model, index, "none", progress, cancel)
+        scores = _pairwise_from_disk(model, index) or score_index(model, index, "none", progress, cancel)
+        if model.pairwise:
+            _pairwise_to_disk(model, index, scores)
         with _lock:
             _scores[key] = scores
     if progress:
@@ -73,6 +76,44 @@ def evaluate_model(spec: str, gallery: Optional[str], rerank: str, progress=None
     with _lock:
         _results[key + (rerank,)] = pq
     return pq, False
+
+
+def _sim_cache_path(model, index) -> Path:
+    """Where a pairwise model's full score matrix of an index is kept: scoring every pair
+    is the slow part for MSSA (minutes on a CPU); the matrix itself is small (N × M float32)."""
+    import hashlib
+    import json
+
+    payload = {"fp": getattr(model, "fingerprint", ""), "index": str(index.folder or ""),
+               "created": index.meta.get("created"), "n": len(index), "m": int(len(index.caption_image))}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return state.cache_root() / "scores" / f"{key}.npy"
+
+
+def _pairwise_from_disk(model, index):
+    if not model.pairwise:
+        return None
+    path = _sim_cache_path(model, index)
+    try:
+        sim = np.load(path)
+    except (OSError, ValueError):
+        return None
+    if sim.shape != (len(index), len(index.caption_image)):
+        return None
+    return Scores(getattr(model, "name", model.arch), "none", sim, sim, sim, index.captions,
+                  np.asarray(index.caption_image, np.int64), [it["id"] for it in index.items],
+                  [it.get("label") for it in index.items], [it["path"] for it in index.items])
+
+
+def _pairwise_to_disk(model, index, scores) -> None:
+    path = _sim_cache_path(model, index)
+    if path.exists():
+        return
+    try:
+        with atomic_file(path, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(scores.sim, np.float32))
+    except OSError:
+        pass  # a cache that cannot be written only costs time next session
 
 
 def evaluate_models(specs, gallery, rerank, progress=None, cancel=None) -> dict:
