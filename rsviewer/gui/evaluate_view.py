@@ -240,6 +240,14 @@ def _plot(title: str) -> pg.PlotWidget:
 COLORS = (theme.ACCENT, "#f59e0b")
 
 
+def _fit_axis(axis, labels) -> None:
+    """Make a left axis wide enough for its longest tick label (pyqtgraph does not)."""
+    from PySide6.QtGui import QFontMetrics
+
+    fm = QFontMetrics(axis.style.get("tickFont") or axis.font())
+    axis.setWidth(max((fm.horizontalAdvance(t) for t in labels), default=0) + 40)
+
+
 class ClassRecallChart(QWidget):
     """Horizontal bars: R@K per ground-truth scene label, one bar per model."""
 
@@ -264,6 +272,7 @@ class ClassRecallChart(QWidget):
                                               brush=COLORS[j], pen=None, name=name))
         ax = self.plot.getAxis("left")
         ax.setTicks([[(i, lab) for i, lab in enumerate(labels)]])
+        _fit_axis(ax, labels)
         self.plot.setXRange(0, 100, padding=0.02)
         self.plot.setYRange(-0.6, len(labels) - 0.4, padding=0)
         self.plot.getViewBox().invertY(True)
@@ -309,7 +318,9 @@ class ConfusionChart(QWidget):
                 t.setPos(j + 0.5, i + 0.5)
                 self.plot.addItem(t)
                 self._texts.append(t)
-        self.plot.getAxis("left").setTicks([[(i + 0.5, f"{n} {i + 1}") for i, n in enumerate(self.names)]])
+        left = [f"{n} {i + 1}" for i, n in enumerate(self.names)]
+        self.plot.getAxis("left").setTicks([[(i + 0.5, t) for i, t in enumerate(left)]])
+        _fit_axis(self.plot.getAxis("left"), left)
         self.plot.getAxis("bottom").setTicks([[(i + 0.5, str(i + 1)) for i in range(len(self.names))]])
         self.plot.setLabel("left", "ground-truth label", color=theme.TEXT)
         self.plot.setLabel("bottom", "label of the top-1 result (numbered as the rows)", color=theme.TEXT)
