@@ -457,8 +457,8 @@ class EvaluateWidget(QWidget):
     def _controls(self) -> QHBoxLayout:
         bar = QHBoxLayout()
         self.model_a, self.model_b = QComboBox(), QComboBox()
-        self.model_a.setMinimumWidth(160)
-        self.model_b.setMinimumWidth(160)
+        self.model_a.setMinimumWidth(120)
+        self.model_b.setMinimumWidth(120)
         self.fill_models()
         self.rerank = QComboBox()
         for m, label in (("none", "no rerank"), ("mr", "MR (GaLR)"), ("smr", "SMR (CMPAGL)")):
@@ -475,7 +475,7 @@ class EvaluateWidget(QWidget):
         bar.addStretch(1)
         return bar
 
-    def _filters(self) -> QHBoxLayout:
+    def _filters(self) -> QVBoxLayout:
         bar = QHBoxLayout()
         self.direction = QComboBox()
         for d, label in DIRECTIONS.items():
@@ -499,11 +499,17 @@ class EvaluateWidget(QWidget):
             w.currentIndexChanged.connect(self._refresh_view)
         self.dup_only.toggled.connect(self._apply_filter)
         self.group.valueChanged.connect(self._apply_filter)
-        for w in (QLabel("Queries"), self.direction, self.k, QLabel("Show"), self.show, QLabel("Label"), self.label,
-                  self.dup_only, self.group):
+        for w in (QLabel("Queries"), self.direction, self.k, QLabel("Show"), self.show):
             bar.addWidget(w)
         bar.addStretch(1)
-        return bar
+        second = QHBoxLayout()  # two rows: the tab must fit next to the query panel and the details dock
+        for w in (QLabel("Label"), self.label, self.dup_only, self.group):
+            second.addWidget(w)
+        second.addStretch(1)
+        rows = QVBoxLayout()
+        rows.addLayout(bar)
+        rows.addLayout(second)
+        return rows
 
     def _table_pane(self) -> QWidget:
         w = QWidget()
