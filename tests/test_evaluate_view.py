@@ -127,7 +127,7 @@ def test_evaluate_tab_failures_row_click_and_confusion_cell(win, qtbot, model_co
     assert ev.message.startswith("could not save")
 
 
-def test_compute_again_is_cached_and_rerank_changes_numbers(win, qtbot):
+def test_compute_again_is_cached_and_rerank_changes_numbers(win, qtbot, tmp_path):
     ev = win.evaluate
     ev.select_models("default", None, "none")
     _compute(qtbot, ev)
@@ -139,3 +139,20 @@ def test_compute_again_is_cached_and_rerank_changes_numbers(win, qtbot):
     ev.pqs = []
     _compute(qtbot, ev)
     assert ev.pqs[0].rerank == "mr" and ev.pqs[0].metrics["mR"] != none_mr
+
+    # a new gallery: the old rows go, nothing stale stays clickable
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    ev.set_context(str(other), "default")
+    assert ev.pqs == [] and ev.proxy.rowCount() == 0 and "press Compute" in ev.info.text()
+
+
+def test_cancel_stops_the_evaluation(win, qtbot):
+    ev = win.evaluate
+    ev.select_models("lite-ft-ucm", None, "none")  # its demo-gallery index is not built yet: minutes of work
+    qtbot.mouseClick(ev.compute_button, Qt.LeftButton)
+    assert ev.cancel_button.isEnabled() and not ev.compute_button.isEnabled()
+    qtbot.mouseClick(ev.cancel_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: "stopped" in ev.info.text() or bool(ev.pqs), timeout=WAIT)
+    assert "stopped" in ev.info.text() and not ev.pqs
+    assert ev.compute_button.isEnabled()

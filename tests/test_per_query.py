@@ -194,6 +194,13 @@ def test_pairwise_model_scores_every_pair_with_progress_and_cancel(small_gallery
     ref = similarity_matrix(model, state_tensors(index, np.arange(len(index))), encode_texts(model, index.captions))
     assert np.allclose(s.sim, ref, atol=1e-6)
     assert per_query(s).metrics["mR"] >= 0
+    # the app keeps a pairwise model's full matrix on disk (scoring every pair is the slow part)
+    from rsviewer.gui import evaluate_view
+
+    assert evaluate_view._pairwise_from_disk(model, index) is None
+    evaluate_view._pairwise_to_disk(model, index, s)
+    again = evaluate_view._pairwise_from_disk(model, index)
+    assert np.array_equal(again.sim, s.sim) and again.captions == s.captions
     stop = threading.Event()
 
     def progress(d, t, m):

@@ -31,7 +31,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDia
                                QLabel, QPushButton, QSpinBox, QSplitter, QTableView, QTableWidget, QTableWidgetItem,
                                QTabWidget, QVBoxLayout, QWidget)
 
-from ..retrieval.per_query import KS, class_recall, confusion, per_query, query_labels, score_index, top1_labels
+from ..retrieval.per_query import (KS, Scores, class_recall, confusion, per_query, query_labels, score_index,
+                                   top1_labels)
 from ..utils.atomic import atomic_file
 from . import state, theme
 
@@ -64,7 +65,9 @@ def evaluate_model(spec: str, gallery: Optional[str], rerank: str, progress=None
         return hit, True
     if scores is None:
         index = state.open_gallery(gallery, model, progress, cancel)
-        scores = score_index(model, index, "none", progress, cancel)
+        scores = _pairwise_from_disk(model, index) or score_index(model, index, "none", progress, cancel)
+        if model.pairwise:
+            _pairwise_to_disk(model, index, scores)
         with _lock:
             _scores[key] = scores
     if progress:
@@ -73,6 +76,44 @@ def evaluate_model(spec: str, gallery: Optional[str], rerank: str, progress=None
     with _lock:
         _results[key + (rerank,)] = pq
     return pq, False
+
+
+def _sim_cache_path(model, index) -> Path:
+    """Where a pairwise model's full score matrix of an index is kept: scoring every pair
+    is the slow part for MSSA (minutes on a CPU); the matrix itself is small (N × M float32)."""
+    import hashlib
+    import json
+
+    payload = {"fp": getattr(model, "fingerprint", ""), "index": str(index.folder or ""),
+               "created": index.meta.get("created"), "n": len(index), "m": int(len(index.caption_image))}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return state.cache_root() / "scores" / f"{key}.npy"
+
+
+def _pairwise_from_disk(model, index):
+    if not model.pairwise:
+        return None
+    path = _sim_cache_path(model, index)
+    try:
+        sim = np.load(path)
+    except (OSError, ValueError):
+        return None
+    if sim.shape != (len(index), len(index.caption_image)):
+        return None
+    return Scores(getattr(model, "name", model.arch), "none", sim, sim, sim, index.captions,
+                  np.asarray(index.caption_image, np.int64), [it["id"] for it in index.items],
+                  [it.get("label") for it in index.items], [it["path"] for it in index.items])
+
+
+def _pairwise_to_disk(model, index, scores) -> None:
+    path = _sim_cache_path(model, index)
+    if path.exists():
+        return
+    try:
+        with atomic_file(path, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(scores.sim, np.float32))
+    except OSError:
+        pass  # a cache that cannot be written only costs time next session
 
 
 def evaluate_models(specs, gallery, rerank, progress=None, cancel=None) -> dict:
@@ -119,6 +160,11 @@ class QueryTable(QAbstractTableModel):
         cols += [("dup group", groups.tolist()), ("dup size", sizes.tolist()), ("image", images), (text_name, texts)]
         self.cols = cols
         self.n = len(da["rank"])
+        self.endResetModel()
+
+    def clear(self) -> None:
+        self.beginResetModel()
+        self.cols, self.n = [], 0
         self.endResetModel()
 
     def column(self, name: str) -> Optional[list]:
@@ -194,6 +240,14 @@ def _plot(title: str) -> pg.PlotWidget:
 COLORS = (theme.ACCENT, "#f59e0b")
 
 
+def _fit_axis(axis, labels) -> None:
+    """Make a left axis wide enough for its longest tick label (pyqtgraph does not)."""
+    from PySide6.QtGui import QFontMetrics
+
+    fm = QFontMetrics(axis.style.get("tickFont") or axis.font())
+    axis.setWidth(max((fm.horizontalAdvance(t) for t in labels), default=0) + 40)
+
+
 class ClassRecallChart(QWidget):
     """Horizontal bars: R@K per ground-truth scene label, one bar per model."""
 
@@ -218,6 +272,7 @@ class ClassRecallChart(QWidget):
                                               brush=COLORS[j], pen=None, name=name))
         ax = self.plot.getAxis("left")
         ax.setTicks([[(i, lab) for i, lab in enumerate(labels)]])
+        _fit_axis(ax, labels)
         self.plot.setXRange(0, 100, padding=0.02)
         self.plot.setYRange(-0.6, len(labels) - 0.4, padding=0)
         self.plot.getViewBox().invertY(True)
@@ -263,7 +318,9 @@ class ConfusionChart(QWidget):
                 t.setPos(j + 0.5, i + 0.5)
                 self.plot.addItem(t)
                 self._texts.append(t)
-        self.plot.getAxis("left").setTicks([[(i + 0.5, f"{n} {i + 1}") for i, n in enumerate(self.names)]])
+        left = [f"{n} {i + 1}" for i, n in enumerate(self.names)]
+        self.plot.getAxis("left").setTicks([[(i + 0.5, t) for i, t in enumerate(left)]])
+        _fit_axis(self.plot.getAxis("left"), left)
         self.plot.getAxis("bottom").setTicks([[(i + 0.5, str(i + 1)) for i in range(len(self.names))]])
         self.plot.setLabel("left", "ground-truth label", color=theme.TEXT)
         self.plot.setLabel("bottom", "label of the top-1 result (numbered as the rows)", color=theme.TEXT)
@@ -400,8 +457,8 @@ class EvaluateWidget(QWidget):
     def _controls(self) -> QHBoxLayout:
         bar = QHBoxLayout()
         self.model_a, self.model_b = QComboBox(), QComboBox()
-        self.model_a.setMinimumWidth(160)
-        self.model_b.setMinimumWidth(160)
+        self.model_a.setMinimumWidth(120)
+        self.model_b.setMinimumWidth(120)
         self.fill_models()
         self.rerank = QComboBox()
         for m, label in (("none", "no rerank"), ("mr", "MR (GaLR)"), ("smr", "SMR (CMPAGL)")):
@@ -418,7 +475,7 @@ class EvaluateWidget(QWidget):
         bar.addStretch(1)
         return bar
 
-    def _filters(self) -> QHBoxLayout:
+    def _filters(self) -> QVBoxLayout:
         bar = QHBoxLayout()
         self.direction = QComboBox()
         for d, label in DIRECTIONS.items():
@@ -442,11 +499,17 @@ class EvaluateWidget(QWidget):
             w.currentIndexChanged.connect(self._refresh_view)
         self.dup_only.toggled.connect(self._apply_filter)
         self.group.valueChanged.connect(self._apply_filter)
-        for w in (QLabel("Queries"), self.direction, self.k, QLabel("Show"), self.show, QLabel("Label"), self.label,
-                  self.dup_only, self.group):
+        for w in (QLabel("Queries"), self.direction, self.k, QLabel("Show"), self.show):
             bar.addWidget(w)
         bar.addStretch(1)
-        return bar
+        second = QHBoxLayout()  # two rows: the tab must fit next to the query panel and the details dock
+        for w in (QLabel("Label"), self.label, self.dup_only, self.group):
+            second.addWidget(w)
+        second.addStretch(1)
+        rows = QVBoxLayout()
+        rows.addLayout(bar)
+        rows.addLayout(second)
+        return rows
 
     def _table_pane(self) -> QWidget:
         w = QWidget()
@@ -546,8 +609,11 @@ class EvaluateWidget(QWidget):
                 i = self.model_a.count() - 1
             if i >= 0:
                 self.model_a.setCurrentIndex(i)
-        if changed and self.pqs:
+        if changed and self.pqs:  # the old rows belong to another gallery
             self.pqs = []
+            self.table_model.clear()
+            self.proxy.set_mask(None)
+            self._set_enabled(False)
             self.info.setText(f"Gallery changed to {state.gallery_label(gallery_spec)}: press Compute.")
 
     def select_models(self, a: str, b: Optional[str] = None, rerank: str = "none") -> None:
@@ -576,7 +642,8 @@ class EvaluateWidget(QWidget):
         self.info.setText(f"evaluating {' and '.join(Path(s).name for s in specs)} on "
                           f"{state.gallery_label(gallery)} (rerank {rerank})…")
         self.jobs.start("Evaluate", lambda progress, cancel: evaluate_models(specs, gallery, rerank, progress, cancel),
-                        self._computed, self._failed, slot="evaluate", on_cancel=lambda: self._failed("cancelled"))
+                        lambda out: self._computed(out, gallery), self._failed, slot="evaluate",
+                        on_cancel=lambda: self._failed("cancelled"))
 
     def _failed(self, msg: str) -> None:
         self.compute_button.setEnabled(True)
@@ -584,9 +651,12 @@ class EvaluateWidget(QWidget):
         self.info.setText(f"Evaluation stopped: {msg}" if msg == "cancelled" else f"Evaluation failed: {msg}")
         self.show_status(self.info.text())
 
-    def _computed(self, out: dict) -> None:
+    def _computed(self, out: dict, gallery: Optional[str] = None) -> None:
         self.compute_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        if _gallery_key(gallery) != _gallery_key(self.gallery_spec):
+            self.info.setText("The gallery changed while evaluating: press Compute again.")
+            return
         self.pqs = out["pqs"]
         self.names = [f"{tag}: {pq.model}" for tag, pq in zip("AB", self.pqs)]
         secs = ", ".join(f"{pq.model} {'cached' if c else f'{s:.2f} s'}"
