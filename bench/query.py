@@ -53,7 +53,7 @@ def encode_only(model, tw, repeat: int) -> dict:
     if tw.runtime != "torch":
         for th in sorted({1, n}):
             tw.text_states([QUERIES[0]], threads=th)
-            out[f"onnx_{th}_thread"] = _median_ms(lambda q: tw.text_states([q], threads=th), repeat)
+            out[f"{tw.runtime}_{th}_thread"] = _median_ms(lambda q: tw.text_states([q], threads=th), repeat)
     with torch.no_grad():
         model.text_states(QUERIES)
         out[f"torch_{torch.get_num_threads()}_threads"] = _median_ms(lambda q: model.text_states([q]), repeat)

@@ -6,6 +6,7 @@ well under a second.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -174,12 +175,19 @@ def test_auto_and_torch_runtimes(cache):
     from rsviewer.runtime.towers import RuntimeError_
 
     m = Tiny()
-    assert resolve_runtime("auto", m) == "openvino" and resolve_runtime("torch", m) == "torch"  # openvino: .[test]
+    assert resolve_runtime("auto", m) == "onnx" and resolve_runtime("torch", m) == "torch"
     with pytest.raises(RuntimeError_):
         resolve_runtime("tensorflow", m)
-    assert towers(m, "auto") is towers(m, "openvino")  # memoised per model and resolved runtime
+    assert towers(m, "auto") is towers(m, "onnx")  # memoised per model and resolved runtime
     info = warm_up(m)
-    assert info["image"] == "openvino" and info["text"] == "openvino"
+    assert info["image"] == "onnx" and info["text"] == "onnx"
+    import os
+
+    os.environ["RSVIEWER_RUNTIME"] = "torch"  # the user's standing choice for auto
+    try:
+        assert resolve_runtime("auto", m) == "torch"
+    finally:
+        del os.environ["RSVIEWER_RUNTIME"]
     assert towers(m, "torch").info()["image"] == "torch" and not list(cache.glob("*.tmp"))
 
 
@@ -207,15 +215,18 @@ def test_compressed_scan_top10_matches_float32_on_real_embeddings():
         assert set(untied) <= set(rows.tolist())
 
 
-def test_index_stores_codes_and_search_uses_faiss(small_index, default_model, monkeypatch):
+def test_index_stores_codes_and_search_uses_faiss(small_index, default_model, monkeypatch, tmp_path):
     from rsviewer.retrieval import search as S
-    from rsviewer.retrieval.index import SQ_FILE, load_index
+    from rsviewer.retrieval.index import SQ_FILE, load_index, save_index
 
-    assert (small_index.folder / SQ_FILE).exists() and small_index.meta["compressed"]["file"] == SQ_FILE
-    idx = load_index(small_index.folder, default_model)
+    assert not (small_index.folder / SQ_FILE).exists()  # small: the float32 scan, no codes
+    monkeypatch.setattr(S, "COMPRESSED_MIN_ROWS", 10)  # "large" for this test: codes written, auto picks faiss
+    copy = dataclasses.replace(small_index, folder=None, meta=dict(small_index.meta), _compressed=None)
+    save_index(copy, tmp_path / "idx")  # a copy: the session fixture stays as it is
+    assert (tmp_path / "idx" / SQ_FILE).exists() and copy.meta["compressed"]["file"] == SQ_FILE
+    idx = load_index(tmp_path / "idx", default_model)
     exact = S.search_text(default_model, idx, "a baseball field", k=10, scan="exact")
     assert idx._compressed is None
-    monkeypatch.setattr(S, "COMPRESSED_MIN_ROWS", 10)  # "large" for this test: auto picks faiss
     auto = S.search_text(default_model, idx, "a baseball field", k=10, scan="auto")
     assert idx._compressed is not None and idx._compressed.fi.ntotal == len(idx)  # loaded from the file
     assert [h.row for h in auto.hits] == [h.row for h in exact.hits]
@@ -225,7 +236,7 @@ def test_index_stores_codes_and_search_uses_faiss(small_index, default_model, mo
 
 
 def test_openvino_runs_the_same_graphs():
-    """OpenVINO (what ``auto`` picks when installed) on the default model's cached exports."""
+    """OpenVINO (``runtime="openvino"``) on the default model's cached exports."""
     from rsviewer.checkpoint import load_model
 
     model = load_model("default")

@@ -26,8 +26,8 @@ def add_model_arg(p, required: bool = True) -> None:
 def add_runtime_arg(p) -> None:
     """``--runtime`` for commands that encode with the frozen towers (rsviewer.runtime)."""
     p.add_argument("--runtime", choices=["auto", "onnx", "openvino", "torch"], default="auto",
-                   help="frozen encoders: auto = the exported ONNX graphs in OpenVINO or ONNX Runtime on the CPU "
-                        "when installed, else torch (default: auto)")
+                   help="frozen encoders: auto = exported ONNX graphs in ONNX Runtime on the CPU when installed, "
+                        "else torch; openvino = the same graphs in OpenVINO (default: auto)")
 
 
 def add_json_arg(p) -> None:

@@ -21,8 +21,8 @@ Tiles are ``tile`` × ``tile`` stride-32 cells (1024 px at model scale) plus a `
 of cells of context on each side, so memory does not grow with the scene: only a band
 of feature-map rows tall enough for one window is kept.
 
-Runtime (``runtime="auto"``, :mod:`rsviewer.runtime`): with ONNX Runtime installed the
-backbone's feature maps (shared-map mode, tiles whose sides are multiples of 32 px;
+Runtime (``runtime="auto"``, :mod:`rsviewer.runtime`): on a CPU without bf16 support
+(``precision`` resolves to fp32), with ONNX Runtime installed, the backbone's feature maps (shared-map mode, tiles whose sides are multiples of 32 px;
 others in PyTorch) and the image states (crops) run as exported ONNX graphs, in fp32;
 pooling and heads stay in PyTorch. ``runtime="torch"`` is the path described next.
 
@@ -393,6 +393,10 @@ def encode_windows(model, scene: Scene, boxes: np.ndarray, *, mode: str = "fast"
     S = int(input_size or model.image_size)
     prec = resolve_precision(precision, dev)
     tw = towers(model, runtime) if resolve_runtime(runtime, model) != "torch" else None
+    if tw is not None and runtime == "auto" and prec == "bf16":
+        # measured (docs/runtime.md): on a CPU with AVX512-BF16/AMX the fused bf16 torch backbone
+        # beats the fp32 graph (10,240 px first query 18.8 s vs 22.9 s); without bf16 the graph wins
+        tw = None
     if tw is not None:
         prec = "fp32"  # the ONNX graphs are fp32; so is the PyTorch path for the tiles they skip
     bs = int(batch_size or (64 if dev.type == "cuda" else 16))

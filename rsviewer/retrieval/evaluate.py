@@ -14,7 +14,7 @@ import torch
 
 from ..archs.base import RetrievalModel
 from ..data import Dataset, load_dataset, load_image
-from ..runtime import towers
+from ..runtime import resolve_runtime, towers
 from ..runtime.towers import default_threads
 from ..utils.device import autocast
 from ..utils.progress import CancelToken, ProgressFn, check, report
@@ -47,7 +47,7 @@ def encode_images(
     reference path), ``onnx`` or ``auto`` (:mod:`rsviewer.runtime`; index building uses it)."""
     _check_batch(batch_size)
     device = model.device
-    tw = None if runtime == "torch" else towers(model, runtime)
+    tw = None if resolve_runtime(runtime, model) == "torch" else towers(model, runtime)
     parts = []
     for s in range(0, len(paths), batch_size):
         check(cancel)
@@ -74,7 +74,7 @@ def encode_texts(
     """Text states of every caption (CPU tensors); ``runtime`` as in :func:`encode_images`."""
     _check_batch(batch_size)
     device = model.device
-    tw = None if runtime == "torch" else towers(model, runtime)
+    tw = None if resolve_runtime(runtime, model) == "torch" else towers(model, runtime)
     parts = []
     for s in range(0, len(texts), batch_size):
         check(cancel)

@@ -202,10 +202,12 @@ def save_index(index: GalleryIndex, out: str | os.PathLike, overwrite: bool = Fa
 
 def _write_codes(index: GalleryIndex, folder: Path) -> None:
     """The compressed-scan codes next to the float32 rows (faiss installed only)."""
-    from .search import CompressedScan, faiss_available
+    from . import search
 
-    if not faiss_available() or len(index.items) == 0:
+    # galleries the float32 scan serves in a few ms do not need codes (nor faiss imported)
+    if len(index.items) < search.COMPRESSED_MIN_ROWS or not search.faiss_available():
         return
+    CompressedScan = search.CompressedScan
     cs = index._compressed if index._compressed is not None else CompressedScan.build(index.image_emb)
     cs.write(folder / SQ_FILE)
     index._compressed = cs

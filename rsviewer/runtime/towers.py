@@ -14,6 +14,7 @@ pools, so nothing here changes ``torch.set_num_threads`` for work in other threa
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from typing import Optional, Sequence
@@ -67,11 +68,14 @@ def providers(device: torch.device) -> list[str]:
 
 
 def resolve_runtime(runtime: str, model) -> str:
-    """``auto`` → ``openvino`` on the CPU when OpenVINO is installed (faster than ONNX Runtime on
-    the same graphs here: docs/runtime.md), else ``onnx`` when ONNX Runtime is installed and the
-    model is on the CPU (or on a GPU with ORT's CUDA provider), else ``torch``. ``onnx`` /
-    ``openvino`` without their package is an error. The export and its parity check always
-    use ONNX Runtime."""
+    """``auto`` → ``onnx`` when ONNX Runtime is installed and the model is on the CPU (or on a
+    GPU with ORT's CUDA provider), else ``torch``; ``$RSVIEWER_RUNTIME`` changes what ``auto``
+    means. ``openvino`` runs the same graphs in OpenVINO (faster here, docs/runtime.md) but
+    only when asked: its thread-local state crashes PySide6 worker threads at exit (the GUI).
+    ``onnx`` / ``openvino`` without their package is an error. The export and its parity check
+    always use ONNX Runtime."""
+    if runtime == "auto":  # the user's standing choice for "auto" (e.g. RSVIEWER_RUNTIME=torch)
+        runtime = os.environ.get("RSVIEWER_RUNTIME", "auto") or "auto"
     if runtime not in RUNTIMES:
         raise RuntimeError_(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
     if runtime == "torch":
@@ -83,7 +87,7 @@ def resolve_runtime(runtime: str, model) -> str:
     dev = model.device
     if runtime == "openvino" and not openvino_available():
         raise RuntimeError_("--runtime openvino needs OpenVINO: pip install openvino")
-    if runtime == "openvino" or (runtime == "auto" and dev.type == "cpu" and openvino_available()):
+    if runtime == "openvino":
         return "openvino"
     if runtime == "auto" and dev.type != "cpu" and len(providers(dev)) == 1:
         return "torch"  # a GPU model and no GPU provider: torch on the GPU is faster
