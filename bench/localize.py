@@ -138,7 +138,7 @@ def run_child(args, scene: str, tmp: str) -> dict:
     env = dict(os.environ, RSVIEWER_CACHE=str(Path(tmp) / f"cache-{Path(scene).stem}"), PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
            "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--tile", str(args.tile)]
     if args.input_size:
         cmd += ["--input-size", str(args.input_size)]
     if args.two_stage:
@@ -201,7 +201,9 @@ def child(args) -> None:
         tw.maps_available()  # export (fresh cache) or load the feature-map graph
     t_setup = time.perf_counter() - t0
     sizes = [int(s) for s in args.windows.split(",")]
-    opts = {"mode": args.mode, "precision": args.precision, "runtime": args.runtime}
+    opts = {"mode": args.mode, "precision": args.precision}
+    if args.tile:
+        opts["tile"] = args.tile
     if args.input_size:
         opts["input_size"] = args.input_size
     out = {"device": describe(dev), "threads": torch.get_num_threads(), "model": args.model, "mode": args.mode,
@@ -318,6 +320,7 @@ def main() -> int:
     ap.add_argument("--keep", help="build the mosaic at this path and keep it")
     ap.add_argument("--fidelity", action="store_true",
                     help="instead of timing: cosine of fast vs crop embeddings (and bf16 vs fp32) on ucm-mosaics")
+    ap.add_argument("--tile", type=int, default=0, help="fast-mode tile in stride-32 cells (default: localize's 32)")
     ap.add_argument("--geotiff", action="store_true",
                     help="a tiled GeoTIFF with overviews through the raster layer; also times 10,240 px in the same run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -33,7 +33,7 @@ __all__ = [
     "TrainConfig", "build_index", "classify", "create_model", "evaluate", "list_archs", "list_models",
     "PerQuery", "class_recall", "compare_table", "confusion", "evaluate_per_query", "per_query_table", "write_table",
     "load_dataset", "load_image", "load_index", "load_model", "rerank", "retrieval_metrics", "save_model",
-    "search_image", "search_text", "train", "explain", "localize", "project",
+    "search_image", "search_text", "train", "explain", "localize", "project", "open_raster", "build_tile_index",
 ]
 
 
@@ -70,3 +70,17 @@ def project(*args, **kwargs):
     from . import project as _project
 
     return _project.project_index(*args, **kwargs)
+
+
+def open_raster(*args, **kwargs):
+    """See :func:`rsviewer.raster.open_raster` (GeoTIFF/COG/JP2/VRT/PNG/JPEG by region)."""
+    from .raster import open_raster as _open
+
+    return _open(*args, **kwargs)
+
+
+def build_tile_index(*args, **kwargs):
+    """See :func:`rsviewer.localize.tiles.build_tile_index` (search the tiles of whole scenes)."""
+    from .localize.tiles import build_tile_index as _build
+
+    return _build(*args, **kwargs)

@@ -245,6 +245,10 @@ def test_tile_index_of_two_scenes_finds_the_airplanes(geo, default_model, tmp_pa
     cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
     assert tgt[0] <= cx <= tgt[2] and tgt[1] <= cy <= tgt[3], (b, tgt)
     assert t["crs_label"] == f"EPSG:{EPSG}" and len(t["lonlat_bounds"]) == 4
+    from rsviewer.project import project_index  # the embedding map works on a tile index (sampled)
+
+    proj = project_index(idx, method="pca", max_points=60, cache=False)
+    assert proj.xy.shape == (60, 2) and proj.n_total == 98
     # the CLI prints the tile and writes its footprint as GeoJSON
     import rsviewer.checkpoint as ck
 
