@@ -36,7 +36,10 @@ def register(sub) -> None:
                         "the epoch count is the CV choice and the model is retrained on train+val (it saw val)")
     p.add_argument("--cv-only", action="store_true",
                    help="with --cv: write OUT/cv.json and the held-out scores, no final model (compare recipes)")
-    p.add_argument("--fold-seed", type=int, default=0, help="with --cv: seed of the fold assignment (keep it to compare recipes)")
+    p.add_argument("--folds", choices=("blocked", "random"), default="blocked",
+                   help="with --cv: contiguous blocks of each label in dataset order (default; UCM neighbours are "
+                        "near-duplicates and its splits are such blocks) or a seeded shuffle")
+    p.add_argument("--fold-seed", type=int, default=0, help="with --cv --folds random: seed of the fold assignment")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -62,7 +65,7 @@ def _run_cv(args, defaults: dict, model_cfg: dict, command: str) -> int:
         raise RsviewerError("--resume does not apply to --cv (each fold is a short run on cached features)")
     cfg = TrainConfig.from_dict(defaults)
     log = (lambda m: None) if args.quiet else None
-    kw = dict(images=args.images, model_config=model_cfg, config=cfg, fold_seed=args.fold_seed, log=log,
+    kw = dict(images=args.images, model_config=model_cfg, config=cfg, fold_seed=args.fold_seed, folds=args.folds, log=log,
               command=command, progress=progress_bar(args))
     if args.cv_only:
         report = cross_validate(args.arch, args.data, args.cv, out=args.out, **kw)
