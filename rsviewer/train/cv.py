@@ -180,6 +180,7 @@ def cross_validate(
     fold_seed: int = 0,
     out: Optional[str | os.PathLike] = None,
     folds: str = "blocked",
+    only_folds: Optional[list[int]] = None,
     tta: bool = True,
     log=None,
     command: Optional[str] = None,
@@ -189,14 +190,14 @@ def cross_validate(
     """K-fold CV of one recipe (``arch`` + ``model_config`` + ``config``) over ``splits``.
     Returns the report (also written to ``out/cv.json`` with ``out/cv_sims.npz``)."""
     report, arrays = _cross_validate(arch, data, k, images, model_config, config, splits, fold_seed, tta, log,
-                                     command, progress, cancel, folds)
+                                     command, progress, cancel, folds, only_folds, out)
     if out is not None:
         save_cv(Path(out), report, arrays)
     return report
 
 
 def _cross_validate(arch, data, k, images, model_config, config, splits, fold_seed, tta, log, command, progress, cancel,
-                    fold_mode="blocked"):
+                    fold_mode="blocked", only_folds=None, partial_out=None):
     from ..archs.registry import arch_class
 
     cfg = config or TrainConfig.from_dict(dict(getattr(arch_class(arch), "train_defaults", {})))
@@ -227,45 +228,49 @@ def _cross_validate(arch, data, k, images, model_config, config, splits, fold_se
     del probe
 
     per_fold, all_sims, all_tta, cap_images = [], [], [], []
-    for f, held_rows in enumerate(folds):
+    run = sorted(set(only_folds)) if only_folds else list(range(1, k + 1))
+    if any(not 1 <= f <= k for f in run):
+        raise RsviewerError(f"--cv-folds: fold numbers are 1..{k}, got {run}")
+    meta = {
+        "arch": arch, "model_config": model_config or {}, "train_config": asdict(cfg), "data": str(data),
+        "splits": splits, "k": k, "fold_mode": fold_mode, "fold_seed": fold_seed, "folds_digest": digest,
+        "folds_run": run, "command": command, "device": str(device),
+        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(0),
+        "threads": torch.get_num_threads(),
+    }
+    for f in run:
+        held_rows = folds[f - 1]
         train_rows = np.setdiff1d(np.arange(len(union_ds)), held_rows)
-        log(f"cv fold {f + 1}/{k}: train {len(train_rows)} images, held out {len(held_rows)}")
+        log(f"cv fold {f}/{k}: train {len(train_rows)} images, held out {len(held_rows)}")
         hist, sims, sims_tta, cap_img = _fold_run(arch, model_config, cfg, union, train_rows, held_rows, device, log, tta)
-        per_fold.append({"fold": f + 1, "n_train_images": int(len(train_rows)), "n_held_images": int(len(held_rows)),
+        per_fold.append({"fold": f, "n_train_images": int(len(train_rows)), "n_held_images": int(len(held_rows)),
                          "n_held_captions": int(len(cap_img)), "history": hist})
         all_sims.append(sims)
         all_tta.append(sims_tta)
         cap_images.append(cap_img)
+        if partial_out is not None:  # a report after every fold: a stopped run keeps what it measured
+            Path(partial_out).mkdir(parents=True, exist_ok=True)
+            write_json(Path(partial_out) / CV_REPORT, {**summarize(per_fold), **meta, "complete": False, "folds": per_fold})
         if progress:
-            progress(f + 1, k, f"cv fold {f + 1}/{k}")
+            progress(len(per_fold), len(run), f"cv fold {f}/{k}")
 
     report = summarize(per_fold)
     report.update({
-        "arch": arch,
-        "model_config": model_config or {},
-        "train_config": asdict(cfg),
-        "data": str(data),
-        "splits": splits,
-        "k": k,
-        "fold_seed": fold_seed,
-        "fold_mode": fold_mode,
-        "folds_digest": digest,
-        "command": command,
-        "device": str(device),
-        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(0),
-        "threads": torch.get_num_threads(),
+        **meta,
+        "complete": len(run) == k,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "wall_seconds": round(time.time() - t_start, 1),
         "folds": per_fold,
     })
     idx = [e["epoch"] for e in report["curve"]].index(report["chosen_epoch"])
     arrays = {}
-    for f, (sims, sims_tta, cap) in enumerate(zip(all_sims, all_tta, cap_images)):
-        arrays[f"sim{f}"] = sims[idx]
+    for f, sims, sims_tta, cap in zip(run, all_sims, all_tta, cap_images):
+        f0 = f - 1  # arrays are keyed by 0-based fold index
+        arrays[f"sim{f0}"] = sims[idx]
         if sims_tta:
-            arrays[f"tta{f}"] = sims_tta[idx]
-        arrays[f"cap{f}"] = cap
-        arrays[f"images{f}"] = folds[f]
+            arrays[f"tta{f0}"] = sims_tta[idx]
+        arrays[f"cap{f0}"] = cap
+        arrays[f"images{f0}"] = folds[f0]
     return report, arrays
 
 
@@ -410,17 +415,18 @@ def ensemble_cv(members: list[tuple[dict, dict]], step: float = 0.1, tta: bool =
         if f"{key}0" not in arr:
             raise RsviewerError(f"{rep.get('command') or 'a member'}: no {'TTA ' if tta else ''}held-out scores stored")
     grid = _simplex(len(members), step)
-    table = np.zeros((len(grid), k))
-    for f in range(k):
+    common = sorted(set.intersection(*[{int(x[3:]) for x in arr if x.startswith("sim")} for _, arr in members]))
+    table = np.zeros((len(grid), len(common)))
+    for c, f in enumerate(common):
         sims = [arr[f"{key}{f}"].astype(np.float32) for _, arr in members]
         cap = members[0][1][f"cap{f}"]
         for g, w in enumerate(grid):
             s = sum(wi * si for wi, si in zip(w, sims) if wi)
-            table[g, f] = retrieval_metrics(s, caption_image=cap)["mR"]
+            table[g, c] = retrieval_metrics(s, caption_image=cap)["mR"]
     means = table.mean(1)
     best = int(np.argmax(means))
     nested = []
-    for f in range(k):
+    for f in range(len(common)):
         others = np.delete(table, f, axis=1).mean(1)
         nested.append(float(table[int(np.argmax(others)), f]))
     mean_b, se_b = _mean_se(table[best])
@@ -434,6 +440,7 @@ def ensemble_cv(members: list[tuple[dict, dict]], step: float = 0.1, tta: bool =
         "step": step,
         "tta": tta,
         "k": k,
+        "folds": [f + 1 for f in common],
         "folds_digest": digests.pop(),
         "mR_mean": round(mean_b, 3),
         "mR_se": round(se_b, 3),
@@ -441,3 +448,18 @@ def ensemble_cv(members: list[tuple[dict, dict]], step: float = 0.1, tta: bool =
         "nested": {"mR_mean": round(mean_n, 3), "mR_se": round(se_n, 3), "mR_per_fold": [round(x, 3) for x in nested]},
         "members_alone": [{"mR_mean": round(m, 3), "mR_se": round(s, 3)} for m, s in singles.values()],
     }
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from CV runs that covered different folds of the same design
+    (``--cv-folds``): same folds digest, recipe and K; folds must not repeat."""
+    if len({r["folds_digest"] for r in reports}) != 1 or len({json.dumps(r["train_config"], sort_keys=True) for r in reports}) != 1:
+        raise RsviewerError("these CV reports do not share folds and recipe")
+    per_fold = sorted((f for r in reports for f in r["folds"]), key=lambda f: f["fold"])
+    if len({f["fold"] for f in per_fold}) != len(per_fold):
+        raise RsviewerError("the CV reports cover the same fold twice")
+    meta = {k: v for k, v in reports[0].items() if k not in ("folds", "curve", "complete", "wall_seconds")}
+    out = {**meta, **summarize(per_fold), "folds_run": [f["fold"] for f in per_fold],
+           "complete": len(per_fold) == reports[0]["k"], "folds": per_fold,
+           "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in reports), 1)}
+    return out
