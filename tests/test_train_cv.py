@@ -26,18 +26,22 @@ def test_cv_folds_never_share_an_image():
     from rsviewer.data import Dataset
 
     u = Dataset(ds.name, ds.source, ds.format, union, ds.images_dir)
-    folds = image_folds(u, 9, seed=0)
-    flat = np.concatenate(folds)
-    assert len(flat) == len(u) == len(set(flat.tolist()))  # a partition of the images
-    files = [{str(u.items[i].image) for i in f} for f in folds]
-    for a in range(9):
-        for b in range(a + 1, 9):
-            assert not files[a] & files[b]
-    # 1,890 UCM images, 90 per label: every fold holds 210 images, 10 of each label
-    assert {len(f) for f in folds} == {210}
-    labels = [sorted(u.items[i].label for i in f) for f in folds]
-    assert all(lab.count(lab[0]) == 10 for lab in labels)
-    assert folds[0].tolist() != image_folds(u, 9, seed=1)[0].tolist()
+    for mode in ("blocked", "random"):
+        folds = image_folds(u, 9, seed=0, mode=mode)
+        flat = np.concatenate(folds)
+        assert len(flat) == len(u) == len(set(flat.tolist()))  # a partition of the images
+        files = [{str(u.items[i].image) for i in f} for f in folds]
+        for a in range(9):
+            for b in range(a + 1, 9):
+                assert not files[a] & files[b]
+        # 1,890 UCM images, 90 per label: every fold holds 210 images, 10 of each label
+        assert {len(f) for f in folds} == {210}
+        labels = [sorted(u.items[i].label for i in f) for f in folds]
+        assert all(lab.count(lab[0]) == 10 for lab in labels)
+    blocked = image_folds(u, 9)
+    # blocks of consecutive images per label: the last block is (nearly) the official val split
+    assert sum(u.items[i].split == "val" for i in blocked[8]) >= 200
+    assert image_folds(u, 9, seed=0, mode="random")[0].tolist() != image_folds(u, 9, seed=1, mode="random")[0].tolist()
     with pytest.raises(RsviewerError, match="at least 2"):
         image_folds(u, 1)
 

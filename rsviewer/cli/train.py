@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture hyper-parameter (JSON value), e.g. --set embed_dim=512; repeatable")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--train-split", default=None, help="split(s) to train on, e.g. train+val (then --val-split '')")
+    p.add_argument("--val-split", default=None, help="split to select the epoch on ('' = none: keep the last epoch)")
+    p.add_argument("--snapshots", action="store_true", help="without a val split: also save every epoch to OUT.epochs/eNN")
     p.add_argument("--no-cache", action="store_true", help="do not read/write the feature cache")
     p.add_argument("--max-train-images", type=positive_int, default=None, help="train on a random subset (quick runs)")
     p.add_argument("--cv", type=positive_int, default=None, metavar="K",
@@ -41,7 +44,13 @@ def register(sub) -> None:
                         "the epoch count is the CV choice and the model is retrained on train+val (it saw val)")
     p.add_argument("--cv-only", action="store_true",
                    help="with --cv: write OUT/cv.json and the held-out scores, no final model (compare recipes)")
-    p.add_argument("--fold-seed", type=int, default=0, help="with --cv: seed of the fold assignment (keep it to compare recipes)")
+    p.add_argument("--folds", choices=("blocked", "random"), default="blocked",
+                   help="with --cv: contiguous blocks of each label in dataset order (default; UCM neighbours are "
+                        "near-duplicates and its splits are such blocks) or a seeded shuffle")
+    p.add_argument("--cv-folds", default=None, metavar="LIST",
+                   help="with --cv-only: run only these folds (e.g. 1,5,9; split a CV over several runs); "
+                        "the report says which folds it covers")
+    p.add_argument("--fold-seed", type=int, default=0, help="with --cv --folds random: seed of the fold assignment")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -67,10 +76,16 @@ def _run_cv(args, defaults: dict, model_cfg: dict, command: str) -> int:
         raise RsviewerError("--resume does not apply to --cv (each fold is a short run on cached features)")
     cfg = TrainConfig.from_dict(defaults)
     log = (lambda m: None) if args.quiet else None
-    kw = dict(images=args.images, model_config=model_cfg, config=cfg, fold_seed=args.fold_seed, log=log,
+    kw = dict(images=args.images, model_config=model_cfg, config=cfg, fold_seed=args.fold_seed, folds=args.folds, log=log,
               command=command, progress=progress_bar(args))
+    if args.cv_folds and not args.cv_only:
+        raise RsviewerError("--cv-folds needs --cv-only (the final model is chosen from all folds)")
     if args.cv_only:
-        report = cross_validate(args.arch, args.data, args.cv, out=args.out, **kw)
+        try:
+            only = [int(x) for x in args.cv_folds.split(",")] if args.cv_folds else None
+        except ValueError:
+            raise RsviewerError(f"--cv-folds expects numbers like 1,5,9, got {args.cv_folds!r}") from None
+        report = cross_validate(args.arch, args.data, args.cv, out=args.out, only_folds=only, **kw)
         res = None
     else:
         report, res = train_with_cv(args.arch, args.data, args.out, args.cv, **kw)
@@ -101,6 +116,10 @@ def run(args) -> int:
         v = getattr(args, key)
         if v is not None:
             defaults[key] = v
+    for key in ("train_split", "val_split"):
+        if getattr(args, key) is not None:
+            defaults[key] = getattr(args, key)
+    defaults["snapshots"] = args.snapshots
     defaults["device"] = args.device
     defaults["cache"] = not args.no_cache
     defaults["max_train_images"] = args.max_train_images

@@ -6,7 +6,9 @@ A single 210-image val split is too small to choose recipes and epochs on: its n
 (about ±1.5 mR) gets fitted, and the chosen model does worse on unseen data. Here
 
 - the images of train+val are split into K folds **by image** (an image's captions
-  never straddle folds), stratified by scene label when labels are known;
+  never straddle folds), every label spread evenly; by default each fold is a block of
+  consecutive images of every label (see :func:`image_folds`: UCM neighbours are
+  near-duplicates, and its official splits are such blocks);
 - for each fold a fresh model (same seed, same recipe) trains on the other K−1 folds
   and is evaluated on the held-out fold after every epoch (with the weight EMA when
   the recipe uses one), also with test-time augmentation (mean of the 8 dihedral
@@ -68,29 +70,43 @@ CV_REPORT = "cv.json"
 CV_SIMS = "cv_sims.npz"
 
 
-def image_folds(ds: Dataset, k: int, seed: int = 0) -> list[np.ndarray]:
+def image_folds(ds: Dataset, k: int, seed: int = 0, mode: str = "blocked") -> list[np.ndarray]:
     """K disjoint arrays of image positions covering ``ds``. The unit is the image file
-    (duplicate listings of one file stay together); labels, when known, are spread
-    evenly over the folds."""
+    (duplicate listings of one file stay together), and every label is spread evenly.
+
+    ``blocked`` (default): within each label the images keep their dataset order and are
+    cut into K contiguous blocks; fold j is block j of every label. Neighbouring UCM
+    images of a class are often cut from the same scene (near-duplicates), and the
+    official splits are such blocks (per class: 1–80 train, 81–90 test, 91–100 val), so
+    random folds would leak near-duplicates across folds and overestimate (measured: one
+    random fold gave held-out mR 60 where blocked folds and val give ≈ 50). On UCM
+    train+val with K = 9 the last fold is exactly the val split.
+    ``random``: shuffled within each label (``seed``), for data without that structure."""
     if k < 2:
         raise RsviewerError(f"--cv needs at least 2 folds, got {k}")
+    if mode not in ("blocked", "random"):
+        raise RsviewerError(f"unknown fold mode {mode!r}; use blocked or random")
     groups: dict[str, list[int]] = {}
     for i, it in enumerate(ds.items):
         groups.setdefault(str(it.image or it.id), []).append(i)
     if k > len(groups):
         raise RsviewerError(f"--cv {k}: only {len(groups)} images to split")
-    keys = list(groups)
     by_label: dict[str, list[str]] = {}
-    for key in keys:
+    for key in groups:  # dataset order (dicts keep insertion order)
         by_label.setdefault(ds.items[groups[key][0]].label or "", []).append(key)
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
     nxt = 0
-    for label in sorted(by_label):  # round-robin within each label: balanced folds
+    for label in sorted(by_label):
         members = by_label[label]
-        for j in rng.permutation(len(members)):
-            folds[nxt % k].extend(groups[members[j]])
-            nxt += 1
+        if mode == "blocked":
+            for j, block in enumerate(np.array_split(np.arange(len(members)), k)):
+                for m in block:
+                    folds[j].extend(groups[members[m]])
+        else:  # round-robin over a shuffle: balanced folds
+            for j in rng.permutation(len(members)):
+                folds[nxt % k].extend(groups[members[j]])
+                nxt += 1
     return [np.array(sorted(f), dtype=np.int64) for f in folds]
 
 
@@ -163,6 +179,8 @@ def cross_validate(
     splits: str = "train+val",
     fold_seed: int = 0,
     out: Optional[str | os.PathLike] = None,
+    folds: str = "blocked",
+    only_folds: Optional[list[int]] = None,
     tta: bool = True,
     log=None,
     command: Optional[str] = None,
@@ -172,13 +190,14 @@ def cross_validate(
     """K-fold CV of one recipe (``arch`` + ``model_config`` + ``config``) over ``splits``.
     Returns the report (also written to ``out/cv.json`` with ``out/cv_sims.npz``)."""
     report, arrays = _cross_validate(arch, data, k, images, model_config, config, splits, fold_seed, tta, log,
-                                     command, progress, cancel)
+                                     command, progress, cancel, folds, only_folds, out)
     if out is not None:
         save_cv(Path(out), report, arrays)
     return report
 
 
-def _cross_validate(arch, data, k, images, model_config, config, splits, fold_seed, tta, log, command, progress, cancel):
+def _cross_validate(arch, data, k, images, model_config, config, splits, fold_seed, tta, log, command, progress, cancel,
+                    fold_mode="blocked", only_folds=None, partial_out=None):
     from ..archs.registry import arch_class
 
     cfg = config or TrainConfig.from_dict(dict(getattr(arch_class(arch), "train_defaults", {})))
@@ -193,7 +212,7 @@ def _cross_validate(arch, data, k, images, model_config, config, splits, fold_se
     union_ds = Dataset(full.name, full.source, full.format, [it for p in parts for it in p.items], full.images_dir)
     union_ds = _subset(union_ds, cfg.max_train_images, cfg.seed)  # tiny runs (tests)
     union_ds.check_images()
-    folds = image_folds(union_ds, k, fold_seed)
+    folds = image_folds(union_ds, k, fold_seed, fold_mode)
     digest = folds_digest(union_ds, folds)
 
     # features for every image of train+val, all views, from the per-split cache entries
@@ -209,44 +228,49 @@ def _cross_validate(arch, data, k, images, model_config, config, splits, fold_se
     del probe
 
     per_fold, all_sims, all_tta, cap_images = [], [], [], []
-    for f, held_rows in enumerate(folds):
+    run = sorted(set(only_folds)) if only_folds else list(range(1, k + 1))
+    if any(not 1 <= f <= k for f in run):
+        raise RsviewerError(f"--cv-folds: fold numbers are 1..{k}, got {run}")
+    meta = {
+        "arch": arch, "model_config": model_config or {}, "train_config": asdict(cfg), "data": str(data),
+        "splits": splits, "k": k, "fold_mode": fold_mode, "fold_seed": fold_seed, "folds_digest": digest,
+        "folds_run": run, "command": command, "device": str(device),
+        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(0),
+        "threads": torch.get_num_threads(),
+    }
+    for f in run:
+        held_rows = folds[f - 1]
         train_rows = np.setdiff1d(np.arange(len(union_ds)), held_rows)
-        log(f"cv fold {f + 1}/{k}: train {len(train_rows)} images, held out {len(held_rows)}")
+        log(f"cv fold {f}/{k}: train {len(train_rows)} images, held out {len(held_rows)}")
         hist, sims, sims_tta, cap_img = _fold_run(arch, model_config, cfg, union, train_rows, held_rows, device, log, tta)
-        per_fold.append({"fold": f + 1, "n_train_images": int(len(train_rows)), "n_held_images": int(len(held_rows)),
+        per_fold.append({"fold": f, "n_train_images": int(len(train_rows)), "n_held_images": int(len(held_rows)),
                          "n_held_captions": int(len(cap_img)), "history": hist})
         all_sims.append(sims)
         all_tta.append(sims_tta)
         cap_images.append(cap_img)
+        if partial_out is not None:  # a report after every fold: a stopped run keeps what it measured
+            Path(partial_out).mkdir(parents=True, exist_ok=True)
+            write_json(Path(partial_out) / CV_REPORT, {**summarize(per_fold), **meta, "complete": False, "folds": per_fold})
         if progress:
-            progress(f + 1, k, f"cv fold {f + 1}/{k}")
+            progress(len(per_fold), len(run), f"cv fold {f}/{k}")
 
     report = summarize(per_fold)
     report.update({
-        "arch": arch,
-        "model_config": model_config or {},
-        "train_config": asdict(cfg),
-        "data": str(data),
-        "splits": splits,
-        "k": k,
-        "fold_seed": fold_seed,
-        "folds_digest": digest,
-        "command": command,
-        "device": str(device),
-        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(0),
-        "threads": torch.get_num_threads(),
+        **meta,
+        "complete": len(run) == k,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "wall_seconds": round(time.time() - t_start, 1),
         "folds": per_fold,
     })
     idx = [e["epoch"] for e in report["curve"]].index(report["chosen_epoch"])
     arrays = {}
-    for f, (sims, sims_tta, cap) in enumerate(zip(all_sims, all_tta, cap_images)):
-        arrays[f"sim{f}"] = sims[idx]
+    for f, sims, sims_tta, cap in zip(run, all_sims, all_tta, cap_images):
+        f0 = f - 1  # arrays are keyed by 0-based fold index
+        arrays[f"sim{f0}"] = sims[idx]
         if sims_tta:
-            arrays[f"tta{f}"] = sims_tta[idx]
-        arrays[f"cap{f}"] = cap
-        arrays[f"images{f}"] = folds[f]
+            arrays[f"tta{f0}"] = sims_tta[idx]
+        arrays[f"cap{f0}"] = cap
+        arrays[f"images{f0}"] = folds[f0]
     return report, arrays
 
 
@@ -304,7 +328,7 @@ def load_cv_sims(folder: str | os.PathLike) -> tuple[dict, dict]:
 
 def cv_summary(report: dict) -> dict:
     """The CV figures a model's metrics.json carries."""
-    keys = ("k", "fold_seed", "folds_digest", "splits", "chosen_epoch", "mR_mean", "mR_se", "mR_per_fold", "last_epoch", "tta", "curve", "command", "wall_seconds", "load_average")
+    keys = ("k", "fold_mode", "fold_seed", "folds_digest", "splits", "chosen_epoch", "mR_mean", "mR_se", "mR_per_fold", "last_epoch", "tta", "curve", "command", "wall_seconds", "load_average")
     return {k: report[k] for k in keys if k in report}
 
 
@@ -318,6 +342,7 @@ def train_with_cv(
     config: Optional[TrainConfig] = None,
     fold_seed: int = 0,
     final: bool = True,
+    folds: str = "blocked",
     log=None,
     command: Optional[str] = None,
     progress: Optional[ProgressFn] = None,
@@ -331,7 +356,7 @@ def train_with_cv(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     report, arrays = _cross_validate(arch, data, k, images, model_config, cfg, "train+val", fold_seed, True, log,
-                                     command, progress, cancel)
+                                     command, progress, cancel, folds)
     log(f"cv: mR {report['mR_mean']:.2f} ± {report['mR_se']:.2f} (SE over {k} folds) at epoch {report['chosen_epoch']}"
         + (f"; with TTA {report['tta']['mR_mean']:.2f} ± {report['tta']['mR_se']:.2f}" if "tta" in report else ""))
     result = None
@@ -390,17 +415,18 @@ def ensemble_cv(members: list[tuple[dict, dict]], step: float = 0.1, tta: bool =
         if f"{key}0" not in arr:
             raise RsviewerError(f"{rep.get('command') or 'a member'}: no {'TTA ' if tta else ''}held-out scores stored")
     grid = _simplex(len(members), step)
-    table = np.zeros((len(grid), k))
-    for f in range(k):
+    common = sorted(set.intersection(*[{int(x[3:]) for x in arr if x.startswith("sim")} for _, arr in members]))
+    table = np.zeros((len(grid), len(common)))
+    for c, f in enumerate(common):
         sims = [arr[f"{key}{f}"].astype(np.float32) for _, arr in members]
         cap = members[0][1][f"cap{f}"]
         for g, w in enumerate(grid):
             s = sum(wi * si for wi, si in zip(w, sims) if wi)
-            table[g, f] = retrieval_metrics(s, caption_image=cap)["mR"]
+            table[g, c] = retrieval_metrics(s, caption_image=cap)["mR"]
     means = table.mean(1)
     best = int(np.argmax(means))
     nested = []
-    for f in range(k):
+    for f in range(len(common)):
         others = np.delete(table, f, axis=1).mean(1)
         nested.append(float(table[int(np.argmax(others)), f]))
     mean_b, se_b = _mean_se(table[best])
@@ -414,6 +440,7 @@ def ensemble_cv(members: list[tuple[dict, dict]], step: float = 0.1, tta: bool =
         "step": step,
         "tta": tta,
         "k": k,
+        "folds": [f + 1 for f in common],
         "folds_digest": digests.pop(),
         "mR_mean": round(mean_b, 3),
         "mR_se": round(se_b, 3),
@@ -421,3 +448,18 @@ def ensemble_cv(members: list[tuple[dict, dict]], step: float = 0.1, tta: bool =
         "nested": {"mR_mean": round(mean_n, 3), "mR_se": round(se_n, 3), "mR_per_fold": [round(x, 3) for x in nested]},
         "members_alone": [{"mR_mean": round(m, 3), "mR_se": round(s, 3)} for m, s in singles.values()],
     }
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from CV runs that covered different folds of the same design
+    (``--cv-folds``): same folds digest, recipe and K; folds must not repeat."""
+    if len({r["folds_digest"] for r in reports}) != 1 or len({json.dumps(r["train_config"], sort_keys=True) for r in reports}) != 1:
+        raise RsviewerError("these CV reports do not share folds and recipe")
+    per_fold = sorted((f for r in reports for f in r["folds"]), key=lambda f: f["fold"])
+    if len({f["fold"] for f in per_fold}) != len(per_fold):
+        raise RsviewerError("the CV reports cover the same fold twice")
+    meta = {k: v for k, v in reports[0].items() if k not in ("folds", "curve", "complete", "wall_seconds")}
+    out = {**meta, **summarize(per_fold), "folds_run": [f["fold"] for f in per_fold],
+           "complete": len(per_fold) == reports[0]["k"], "folds": per_fold,
+           "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in reports), 1)}
+    return out

@@ -68,6 +68,9 @@ class TrainConfig:
     # stop after this epoch although the schedule spans ``epochs`` (the epoch count chosen by
     # cross-validation, train/cv.py: the CV runs saw the same schedule up to that epoch)
     stop_epoch: Optional[int] = None
+    # without a val split: also save the model after every epoch to OUT.epochs/eNN (the
+    # final run of a CV can then start before the CV has chosen its epoch)
+    snapshots: bool = False
 
     def __post_init__(self) -> None:
         """Absurd values are one line here, not a crash after minutes of feature caching."""
@@ -407,6 +410,10 @@ def train(
         t_ep = time.time()
         loss = train_epoch(model, tr, cfg, opt, sched, params, ema, rng, epoch, steps_per_epoch, total, views, device, progress, cancel)
         row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.time() - t_ep, 2)}
+        if va is None and cfg.snapshots:
+            with _swapped(model, ema):
+                save_model(model.cpu(), out.parent / f"{out.name}.epochs" / f"e{epoch + 1:02d}", metrics=None)
+                model.to(device)
         if va is None:  # no selection split: the model after the last epoch is the one
             if epoch + 1 == last_epoch:
                 with _swapped(model, ema):
