@@ -364,3 +364,27 @@ def test_classify_uses_the_models_own_calibration(tmp_path, tiny_vit):
     res = classify(tiny_vit, tmp_path)
     assert res["n"] == 4 and res["calibration"].startswith("softmax(")
     assert all(0.5 <= p["probability"] <= 1.0 for p in res["predictions"])  # argmax of a 2-way softmax
+
+
+def test_train_heads_on_a_frozen_clip(tmp_path, tiny_vit_file):
+    from safetensors.torch import load_file
+
+    from conftest import UCM_JSON
+    from rsviewer.train.trainer import TrainConfig, train
+
+    if not UCM_JSON.exists():
+        pytest.skip("shared UCM data not available")
+    ref, path = tiny_vit_file
+    out = tmp_path / "clip-mlp"
+    cfg = TrainConfig(epochs=3, batch_size=16, max_train_images=48, max_val_images=16, views=1, lr=2e-3)
+    res = train("clip", UCM_JSON, out, config=cfg, model_config={"weights": str(path), "head": "mlp", "hidden": 64})
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    saved = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("image_adapter.") for k in saved) and not any(k.startswith("tower.") for k in saved)
+    m = load_model(out)
+    imgs = images(1)
+    ri, _ = ref_embeddings(ref, m, imgs, TEXTS[:1])
+    with torch.no_grad():
+        mi = m.encode_image(m.preprocess(imgs))
+        assert torch.allclose(F.normalize(m.image_features(m.preprocess(imgs))["pooled"], dim=-1), ri, atol=1e-5)
+        assert (mi - ri).abs().max() > 1e-4
