@@ -288,7 +288,7 @@ def load_model(
             raise ModelError(f"--set applies to checkpoint files and Hugging Face folders, not to the model folder {spec}")
         model = _load_rsviewer(resolve_model_dir(spec), device)
     if expect_arch and model.arch != expect_arch:
-        raise ModelError(f"{model.name} is a {model.arch} model, not {expect_arch}")  # type: ignore[attr-defined]
+        raise ModelError(f"{model.name} is a {model.arch} model, not {expect_arch}")
     return model
 
 
@@ -317,9 +317,8 @@ def _load_rsviewer(folder: Path, device: str | torch.device = "cpu") -> Retrieva
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ModelError(f"{folder.name}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
     model.load_state_dict(tensors, strict=False)
-    model.model_dir = folder  # type: ignore[attr-defined]
-    model.fingerprint = cfg["fingerprint"]  # type: ignore[attr-defined]
-    model.name = folder.name  # type: ignore[attr-defined]
+    model.model_dir, model.fingerprint, model.name = folder, cfg["fingerprint"], folder.name
+    model.model_format = "rsviewer"
     return model.to(device).eval()
 
 
@@ -329,10 +328,10 @@ def _open_foreign(path: Path, device: str | torch.device = "cpu", overrides: Opt
     path = path.resolve()
     cfg, desc = config_for(path, overrides)
     model = Clip(cfg)
-    model.model_dir = path  # type: ignore[attr-defined]
-    model.fingerprint = model.tower_fingerprint  # type: ignore[attr-defined]
-    model.name = path.stem if path.is_file() else path.name  # type: ignore[attr-defined]
-    model.description = desc  # type: ignore[attr-defined]
+    model.model_dir, model.fingerprint = path, model.tower_fingerprint
+    model.name = path.stem if path.is_file() else path.name
+    model.model_format = "openai-clip" if path.is_file() else "huggingface"
+    model.description = desc  # what was inferred, printed by the CLI
     return model.to(device).eval()
 
 

@@ -314,10 +314,28 @@ def test_bad_checkpoints_one_line_each(tmp_path, tiny_vit_file, monkeypatch):
     with pytest.raises(ModelError, match="refused"):
         load_model(tmp_path / "evil.pt")
     assert not (tmp_path / "EVIL_RAN").exists()
-    scripted = torch.jit.script(torch.nn.Linear(2, 2))
-    scripted.save(str(tmp_path / "ViT-B-32.pt"))
-    with pytest.raises(ModelError, match="TorchScript archive.*Convert it once"):
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "ViT-B-32.pt", "w") as z:  # a TorchScript-shaped archive with a hostile data.pkl
+        z.writestr("ViT-B-32/data.pkl", pickle.dumps(_Evil()))
+        z.writestr("ViT-B-32/code/__torch__/model.py", "")
+    with pytest.raises(ModelError, match="TorchScript archive.*does not run.*Convert it once"):
         load_model(tmp_path / "ViT-B-32.pt")
+    assert not (tmp_path / "EVIL_RAN").exists()
+
+
+def test_openai_torchscript_archive_is_read_without_running_it(tmp_path):
+    ref = make_ref("vit")
+    ref.forward = lambda image, text: (ref.encode_image(image), ref.encode_text(text))
+    traced = torch.jit.trace(ref, (torch.randn(1, 3, 64, 64), torch.zeros(1, 77, dtype=torch.long)), check_trace=False)
+    traced.save(str(tmp_path / "RN-free-ViT.pt"))  # OpenAI's original files are such archives
+    model = load_model(tmp_path / "RN-free-ViT.pt")
+    imgs = images(1)
+    ri, rt = ref_embeddings(ref, model, imgs, TEXTS)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(model.preprocess(imgs)), ri, atol=1e-5)
+        assert torch.allclose(model.encode_text(TEXTS), rt, atol=1e-5)
 
 
 def test_hf_folder_that_is_not_a_dual_encoder(tmp_path):
@@ -346,3 +364,27 @@ def test_classify_uses_the_models_own_calibration(tmp_path, tiny_vit):
     res = classify(tiny_vit, tmp_path)
     assert res["n"] == 4 and res["calibration"].startswith("softmax(")
     assert all(0.5 <= p["probability"] <= 1.0 for p in res["predictions"])  # argmax of a 2-way softmax
+
+
+def test_train_heads_on_a_frozen_clip(tmp_path, tiny_vit_file):
+    from safetensors.torch import load_file
+
+    from conftest import UCM_JSON
+    from rsviewer.train.trainer import TrainConfig, train
+
+    if not UCM_JSON.exists():
+        pytest.skip("shared UCM data not available")
+    ref, path = tiny_vit_file
+    out = tmp_path / "clip-mlp"
+    cfg = TrainConfig(epochs=3, batch_size=16, max_train_images=48, max_val_images=16, views=1, lr=2e-3)
+    res = train("clip", UCM_JSON, out, config=cfg, model_config={"weights": str(path), "head": "mlp", "hidden": 64})
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    saved = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("image_adapter.") for k in saved) and not any(k.startswith("tower.") for k in saved)
+    m = load_model(out)
+    imgs = images(1)
+    ri, _ = ref_embeddings(ref, m, imgs, TEXTS[:1])
+    with torch.no_grad():
+        mi = m.encode_image(m.preprocess(imgs))
+        assert torch.allclose(F.normalize(m.image_features(m.preprocess(imgs))["pooled"], dim=-1), ri, atol=1e-5)
+        assert (mi - ri).abs().max() > 1e-4

@@ -123,6 +123,21 @@ class RetrievalModel(nn.Module):
     Config: ClassVar[type[BaseConfig]] = BaseConfig
     pairwise: ClassVar[bool] = False
     cache_features: ClassVar[bool] = True
+    # Where a loaded model came from, set by ``checkpoint.load_model`` (absent on a model
+    # built in memory, hence annotations only: ``getattr(model, "fingerprint", ...)`` keeps
+    # working): its name, the rsviewer folder or foreign file/folder, the fingerprint that
+    # indexes and caches are keyed on, and the model format it was opened as.
+    name: str
+    model_dir: Any
+    fingerprint: str
+    model_format: str
+
+    @property
+    def source(self) -> dict:
+        """``{"name", "path", "fingerprint", "format"}`` of a loaded model (None values if built in memory)."""
+        path = getattr(self, "model_dir", None)
+        return {"name": getattr(self, "name", None), "path": str(path) if path is not None else None,
+                "fingerprint": getattr(self, "fingerprint", None), "format": getattr(self, "model_format", None)}
 
     def __init__(self, cfg: BaseConfig, extra: Optional[dict] = None):
         """``extra``: JSON state that is not a tensor (e.g. GaLR's vocabulary), as returned

@@ -43,6 +43,16 @@ class ClipConfig(BaseConfig):
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     caption_prefix: str = ""  # e.g. SkyCLIP's "a satellite image. "
+    # trained heads on the frozen CLIP embeddings (``rsviewer train --arch clip``): "none"
+    # (the model as published) | "linear" | "mlp" — residual adapters whose last layer
+    # starts at zero, so training starts from the published model (CLIP-Adapter style)
+    head: str = "none"
+    hidden: int = 512
+    dropout: float = 0.1
+    loss: str = "both"  # infonce | triplet | both (rsviewer.train.losses)
+    label_alpha: float = 0.5
+    margin: float = 0.2
+    temperature: float = 0.05
     image_size: int = 224
     embed_dim: int = 512
     max_tokens: int = 77
@@ -52,18 +62,27 @@ class ClipConfig(BaseConfig):
 class Clip(RetrievalModel):
     arch = "clip"
     Config = ClipConfig
+    train_defaults = {"epochs": 10, "views": 2}
     feature_keys = {
-        "image": ("layout", "weights", "sha256", "model", "resize", "resize_size", "interpolation", "image_size"),
-        "text": ("layout", "weights", "sha256", "model", "caption_prefix", "max_tokens"),
+        "image": ("layout", "weights", "sha256", "model", "overrides", "resize", "resize_size", "interpolation", "image_size"),
+        "text": ("layout", "weights", "sha256", "model", "overrides", "caption_prefix", "max_tokens"),
     }
 
     def __init__(self, cfg: ClipConfig, extra=None):
         super().__init__(cfg, extra)
         from ..nets.clip.hashing import sha256_cached
 
+        if not cfg.weights:
+            raise ModelError("a clip model needs weights: --set weights=PATH (an OpenAI/open_clip file or a Hugging Face folder)")
         path = Path(cfg.weights).expanduser()
+        cfg.weights = str(path.resolve())
         if not path.exists():
             raise ModelError(f"the weights {path} this model refers to are missing")
+        if not cfg.model:  # built from hyper-parameters (rsviewer train --arch clip): infer the rest
+            inferred, _ = config_for(path, cfg.overrides, cfg.caption_prefix or None)
+            for f in ("layout", "model", "resize", "resize_size", "interpolation", "mean", "std",
+                      "caption_prefix", "image_size", "embed_dim", "max_tokens"):
+                setattr(cfg, f, getattr(inferred, f))
         digest = sha256_cached(path)
         if cfg.sha256 and digest != cfg.sha256:
             raise ModelError(f"{path} changed since it was imported (sha256 {digest[:12]}…, expected {cfg.sha256[:12]}…); re-import it")
@@ -81,6 +100,10 @@ class Clip(RetrievalModel):
 
             self.clip_tokenizer = get_tokenizer(int(cfg.model.get("context_length", cfg.max_tokens)))
             self.text = _TextInfo(_HFStyle(self.clip_tokenizer), self._token_embedding())
+        if cfg.head != "none":
+            self.image_adapter = _adapter(cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
+            self.text_adapter = _adapter(cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
+            self.train_logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.temperature))))
         self.freeze_bases()
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -164,7 +187,8 @@ class Clip(RetrievalModel):
         return {"pooled": t.encode_image(pixels)}
 
     def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return l2n(feats["pooled"].float())
+        x = l2n(feats["pooled"].float())
+        return l2n(x + self.image_adapter(x)) if self.cfg.head != "none" else x
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from ..nets.clip.hf import features
@@ -179,10 +203,17 @@ class Clip(RetrievalModel):
         return {"pooled": t.text(input_ids=ids).text_embeds}
 
     def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return l2n(feats["pooled"].float())
+        x = l2n(feats["pooled"].float())
+        return l2n(x + self.text_adapter(x)) if self.cfg.head != "none" else x
 
     def training_loss(self, batch):
-        raise ModelError("a clip model has no trained head of its own; train --arch lite or cmer on top of it")
+        if self.cfg.head == "none":
+            raise ModelError("this clip model has no trained head; train with --set head=linear or head=mlp")
+        from ..train.losses import contrastive_loss
+
+        img, txt = self.image_head(batch["image_feats"]), self.text_head(batch["text_feats"])
+        scale = self.train_logit_scale.exp().clamp(max=100.0)
+        return contrastive_loss(img, txt, batch, self.cfg.loss, scale, self.cfg.label_alpha, self.cfg.margin)
 
     # ---- explanations ------------------------------------------------------------------------------
     def vision_tower(self):
@@ -294,6 +325,20 @@ class Clip(RetrievalModel):
         return sig
 
 
+def _adapter(dim: int, kind: str, hidden: int, dropout: float) -> nn.Module:
+    if kind == "linear":
+        last = nn.Linear(dim, dim)
+        mods = [last]
+    elif kind == "mlp":
+        last = nn.Linear(hidden, dim)
+        mods = [nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), last]
+    else:
+        raise ValueError(f"head must be none, linear or mlp, not {kind!r}")
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*mods)
+
+
 class _TextInfo:
     """What the explain engine and classify read from ``model.text``: a tokenizer with the
     usual HF attributes and the word-embedding layer (not a module: no parameters here)."""
@@ -365,7 +410,7 @@ def config_for(path: str | Path, overrides: Optional[dict] = None, caption_prefi
             raise ModelError(f"--set {', '.join(overrides)}: a Hugging Face folder takes its settings from its own config")
         enc = HFDualEncoder(p)
         pre = preprocessing(p)
-        cfg = ClipConfig(layout="hf", weights=str(p), resize=pre["resize"], resize_size=pre["resize_size"],
+        cfg = ClipConfig(layout="hf", weights=str(p), model={"layout": "hf", "model_type": enc.model_type}, resize=pre["resize"], resize_size=pre["resize_size"],
                          interpolation=pre["interpolation"], mean=pre["mean"], std=pre["std"], image_size=pre["image_size"],
                          embed_dim=enc.embed_dim, max_tokens=enc.context, caption_prefix=prefix)
         desc = (f"{enc.model_type} ({type(enc.model).__name__}): {pre['image_size']} px, {pre['resize']} resize "

@@ -67,12 +67,10 @@ def is_torchscript(p: Path) -> bool:
 
 
 def _torch_load(p: Path) -> Any:
-    if is_torchscript(p):
-        raise ModelError(
-            f"{p.name} is an OpenAI TorchScript archive, which holds code; rsviewer does not run it. Convert it once "
-            f"(only if you trust the file): python -c \"import torch; torch.save(torch.jit.load('{p}', map_location='cpu')"
-            f".state_dict(), '{p.with_suffix('')}-state_dict.pt')\""
-        )
+    if is_torchscript(p):  # OpenAI's original files: read the tensors, never the code
+        from .torchscript import read_torchscript
+
+        return read_torchscript(p)
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
