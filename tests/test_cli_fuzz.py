@@ -29,7 +29,7 @@ from conftest import GALLERY_JSON, REPO
 
 IMAGES = GALLERY_JSON.parent / "images"
 SUBCOMMANDS = {"train", "eval", "index", "search", "classify", "explain", "explain-eval", "localize", "project",
-               "models"}
+               "models", "import", "ensemble"}
 
 
 # ---- the workspace: inputs, a user's folder, files that must survive ----------------------------
@@ -129,6 +129,10 @@ CASES = [
     ("project-max-points", ["project", "--index", "idx", "--out", "p.csv", "--max-points", "-1"], "--max-points"),
     ("classify-no-images", ["classify"], "--images"),
     ("models-bogus-flag", ["models", "--bogus"], "--bogus"),
+    ("import-missing", ["import", "missing.pt", "--name", "m"], "missing.pt"),
+    ("import-zero-byte", ["import", "empty.json", "--name", "m"], "empty.json"),
+    ("ensemble-bogus-flag", ["ensemble", "--models", "default", "--out", "ens", "--bogus"], "--bogus"),
+    ("ensemble-missing-member", ["ensemble", "--models", "nosuchmodel", "--out", "ens"], "nosuchmodel"),
     # -- missing, empty, corrupt, wrong-type inputs
     ("eval-missing-data", ["eval", "--data", "missing.json"], "missing.json"),
     ("eval-zero-byte", ["eval", "--data", "empty.json"], "empty.json"),
