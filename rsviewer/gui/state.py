@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ..checkpoint import PACKAGE_ROOT, list_models, load_model, resolve_model_dir
-from ..runtime import warm_up
+from ..runtime import warm_up as warm_towers
 from ..errors import IndexError_, RsviewerError
 from ..retrieval.index import GalleryIndex, build_index, is_index, load_index
 
@@ -60,7 +60,7 @@ def get_model(spec: str, device=None, progress=None):
     if progress:
         progress(0, 0, f"loading model {Path(folder).name}")
     model = load_model(folder, device=device)
-    warm_up(model)  # rsviewer.runtime: towers exported/loaded and run once, so the first query is warm
+    warm_towers(model)  # rsviewer.runtime: towers exported/loaded and run once, so the first query is warm
     with _lock:
         _models[key] = model
     return model
