@@ -57,9 +57,9 @@ def test_drop_a_clip_checkpoint_query_explain_compare(qtbot, tmp_path, gallery, 
                              and len(w.index) == 21) or bool(w.last_error), timeout=WAIT)
     assert w.model.arch == "clip", w.last_error
     assert "RemoteCLIP-tiny" in w.model_label.text()
-    w.last_result = None
-    w.run_text("two tennis courts")
-    qtbot.waitUntil(lambda: w.last_result is not None or bool(w.last_error), timeout=WAIT)
+    w.run_text("two tennis courts")  # the session owns last_result: wait for this query's result
+    qtbot.waitUntil(lambda: (w.last_result is not None and w.last_result.query == "two tennis courts")
+                    or bool(w.last_error), timeout=WAIT)
     assert w.results.hits() and not w.last_error
     # explain the selected hit with Chefer et al.'s gradient-weighted attention
     qtbot.waitUntil(lambda: w.details.image_rgb is not None, timeout=WAIT)
