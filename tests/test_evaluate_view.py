@@ -84,11 +84,11 @@ def test_evaluate_tab_failures_row_click_and_confusion_cell(win, qtbot, model_co
     ev.show.setCurrentIndex(ev.show.findData("fail_a"))
 
     # click a row: the Results tab runs that caption, its ground-truth image is marked
-    win.last_result = None
     _click_row(qtbot, ev, 3)
     r = ev.shown_rows()[3]
     caption = a.captions[r]
-    qtbot.waitUntil(lambda: win.last_result is not None or bool(win.last_error), timeout=WAIT)
+    qtbot.waitUntil(lambda: (win.last_result is not None and win.last_result.query == caption)
+                    or bool(win.last_error), timeout=WAIT)
     assert win.query == ("text", caption) and win.last_result.query == caption
     gt_row = int(a.caption_image[r])
     assert gt_row in win.results.model.gt_rows
@@ -98,14 +98,18 @@ def test_evaluate_tab_failures_row_click_and_confusion_cell(win, qtbot, model_co
 
     # click an off-diagonal confusion cell (image→text): the listed queries have those labels
     ev.show.setCurrentIndex(ev.show.findData("all"))
-    ev.direction.setCurrentIndex(ev.direction.findData("i2t"))
     ev.charts.setCurrentWidget(ev.confusion_chart)
+    ev.direction.setCurrentIndex(ev.direction.findData("i2t"))
     qtbot.wait(50)
     names, mat = ev.confusion_chart.names, ev.confusion_chart.matrix
     off = mat.copy()
     np.fill_diagonal(off, 0)
-    i, j = np.unravel_index(off.argmax(), off.shape)
-    assert off[i, j] > 0
+    # the shipped default trained on train+val and the demo gallery is val: it may get every
+    # top-1 label right, so the busiest cell (diagonal if need be) is the one clicked
+    cells = off if off.max() > 0 else mat
+    i, j = np.unravel_index(cells.argmax(), cells.shape)
+    assert cells[i, j] > 0
+    off = cells
     plot = ev.confusion_chart.plot
     pos = plot.mapFromScene(ev.confusion_chart.cell_center(names[i], names[j]))
     qtbot.mouseClick(plot.viewport(), Qt.LeftButton, pos=pos)

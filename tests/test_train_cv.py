@@ -100,7 +100,7 @@ def two_models(tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         m = create_model("lite", **TINY_MODEL)
-        paths.append(save_model(m, root / f"m{seed}"))
+        paths.append(save_model(m, root / f"m{seed}", overwrite=True))
     return root, paths
 
 
@@ -148,7 +148,7 @@ def test_ensemble_is_the_weighted_mean_and_checks_members(two_models, tmp_path):
     torch.manual_seed(5)
     from rsviewer.archs.registry import create_model
 
-    save_model(create_model("lite", **TINY_MODEL), b)
+    save_model(create_model("lite", **TINY_MODEL), b, overwrite=True)  # the member changes on purpose
     with pytest.raises(ModelError, match="changed since the ensemble was built"):
         load_model(tmp_path / "e")
 

@@ -187,6 +187,7 @@ def export_tower(model, tower: str, size: Optional[int] = None) -> dict:
                 torch.onnx.export(wrapper, args, fh, dynamo=False, input_names=input_names, output_names=names,
                                   dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 — any tracer/exporter failure means "runs in torch"
+        _reset_exporter()
         meta.update(status="failed", reason=f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         write_json(side, meta)
         return meta
@@ -249,3 +250,13 @@ def cached_tower(model, tower: str, size: Optional[int] = None, verify: bool = T
     meta = export_tower(model, tower, size)
     meta["cache_hit"] = False
     return (path if meta["status"] == "ok" else None), meta
+
+
+def _reset_exporter() -> None:
+    """A failed TorchScript export (e.g. galr's ``diag_embed``) can leave the exporter's
+    ``in_onnx_export`` flag set, and every later export then fails; clear it."""
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # other torch versions keep it elsewhere; nothing to reset there
+        return
+    GLOBALS.in_onnx_export = False

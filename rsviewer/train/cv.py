@@ -364,7 +364,8 @@ def train_with_cv(
         final_cfg = replace(cfg, train_split="train+val", val_split="", stop_epoch=report["chosen_epoch"],
                             max_val_images=None)
         result = train(arch, data, out, images=images, model_config=model_config, config=final_cfg, log=log,
-                       command=command, progress=progress, cancel=cancel, extra_metrics={"cv": cv_summary(report)})
+                       command=command, progress=progress, cancel=cancel, extra_metrics={"cv": cv_summary(report)},
+                       overwrite=True)  # the CV run's own folder; a foreign one is still refused
     # written after the model folder exists: save_model swaps the folder in atomically and
     # would drop files written into it before
     save_cv(out, report, arrays)

@@ -412,12 +412,12 @@ def train(
         row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.time() - t_ep, 2)}
         if va is None and cfg.snapshots:
             with _swapped(model, ema):
-                save_model(model.cpu(), out.parent / f"{out.name}.epochs" / f"e{epoch + 1:02d}", metrics=None)
+                save_model(model.cpu(), out.parent / f"{out.name}.epochs" / f"e{epoch + 1:02d}", metrics=None, overwrite=True)
                 model.to(device)
         if va is None:  # no selection split: the model after the last epoch is the one
             if epoch + 1 == last_epoch:
                 with _swapped(model, ema):
-                    save_model(model.cpu(), out, metrics=None)
+                    save_model(model.cpu(), out, metrics=None, overwrite=True)  # our own folder (claimed above)
                     model.to(device)
                 best = {"mR": float("nan"), "epoch": epoch + 1, "val": {}}
         elif (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == last_epoch:
