@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -184,8 +185,9 @@ def export_tower(model, tower: str, size: Optional[int] = None) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(path) as fh, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings: the parity check below is the judge
-                torch.onnx.export(wrapper, args, fh, dynamo=False, input_names=input_names, output_names=names,
-                                  dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True)
+                with _EXPORT_LOCK:  # the exporter keeps global state: one export at a time per process
+                    torch.onnx.export(wrapper, args, fh, dynamo=False, input_names=input_names, output_names=names,
+                                      dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 — any tracer/exporter failure means "runs in torch"
         _reset_exporter()
         meta.update(status="failed", reason=f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -252,6 +254,9 @@ def cached_tower(model, tower: str, size: Optional[int] = None, verify: bool = T
     return (path if meta["status"] == "ok" else None), meta
 
 
+_EXPORT_LOCK = threading.Lock()
+
+
 def _reset_exporter() -> None:
     """A failed TorchScript export (e.g. galr's ``diag_embed``) can leave the exporter's
     ``in_onnx_export`` flag set, and every later export then fails; clear it."""
@@ -259,4 +264,5 @@ def _reset_exporter() -> None:
         from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
     except ImportError:  # other torch versions keep it elsewhere; nothing to reset there
         return
-    GLOBALS.in_onnx_export = False
+    with _EXPORT_LOCK:  # never while another thread's export runs
+        GLOBALS.in_onnx_export = False
