@@ -160,3 +160,32 @@ def test_cancel_stops_the_evaluation(win, qtbot):
     qtbot.waitUntil(lambda: "stopped" in ev.info.text() or bool(ev.pqs), timeout=WAIT)
     assert "stopped" in ev.info.text() and not ev.pqs
     assert ev.compute_button.isEnabled()
+
+
+def test_switching_direction_fast_with_filters_and_sorting(win, qtbot):
+    """Flip text→image / image→text quickly while a filter, a sort and a selected row are live.
+
+    The two directions have different row counts (1,050 captions, 210 images): a filter mask or a
+    selection of one direction must never be applied to the other's rows (this crashed Qt once)."""
+    ev = win.evaluate
+    win.tabs.setCurrentWidget(ev)
+    ev.select_models("default", None, "none")
+    _compute(qtbot, ev)
+    ev.k.setCurrentIndex(ev.k.findData(1))
+    ev.table.sortByColumn(1, Qt.DescendingOrder)
+    for show in ("fail_a", "all"):
+        ev.show.setCurrentIndex(ev.show.findData(show))
+        for _ in range(6):
+            for d in ("i2t", "t2i"):
+                ev.table.selectRow(ev.proxy.rowCount() - 1)  # the last row: out of range for i2t
+                ev.direction.setCurrentIndex(ev.direction.findData(d))
+                qtbot.wait(1)
+                n = len(ev.pqs[0].ids) if d == "i2t" else len(ev.pqs[0].captions)
+                assert ev.table_model.rowCount() == n
+                rows = ev.shown_rows()
+                assert all(0 <= r < n for r in rows)
+                if show == "all":
+                    assert len(rows) == n
+                else:
+                    assert all(getattr(ev.pqs[0], d)["rank"][r] > 1 for r in rows)
+    assert ev.direction.isEnabled()

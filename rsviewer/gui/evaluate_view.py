@@ -222,8 +222,13 @@ class QueryFilter(QSortFilterProxyModel):
             self.mask = mask
             self.invalidateFilter()
 
+    def drop_mask(self) -> None:
+        """Forget the mask without re-filtering: call just before the source model resets."""
+        self.mask = None
+
     def filterAcceptsRow(self, row, parent) -> bool:  # noqa: N802
-        return self.mask is None or bool(self.mask[row])
+        # a mask of the other direction (1,050 captions vs 210 images) must never index these rows
+        return self.mask is None or (row < len(self.mask) and bool(self.mask[row]))
 
 
 # ---------------------------------------------------------------------------- charts
@@ -732,7 +737,16 @@ class EvaluateWidget(QWidget):
     def _refresh_view(self) -> None:
         if not self.pqs:
             return
-        self.table_model.set_run(self.pqs, self.current_direction())
+        # the two directions have different rows: drop the selection and the old mask before the
+        # reset (a stale mask or current index applied to the new rows crashed Qt in endResetModel)
+        sel = self.table.selectionModel()
+        blocked = sel.blockSignals(True)
+        try:
+            sel.clear()
+            self.proxy.drop_mask()
+            self.table_model.set_run(self.pqs, self.current_direction())
+        finally:
+            sel.blockSignals(blocked)
         self.table.resizeColumnsToContents()
         self._apply_filter()
         self._refresh_charts()
