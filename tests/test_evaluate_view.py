@@ -171,6 +171,8 @@ def test_switching_direction_fast_with_filters_and_sorting(win, qtbot):
     win.tabs.setCurrentWidget(ev)
     ev.select_models("default", None, "none")
     _compute(qtbot, ev)
+    # the shipped default trained on train+val and the demo gallery is UCM val: the tab says so
+    assert "Not held-out: default trained on the val split" in ev.info.text()
     ev.k.setCurrentIndex(ev.k.findData(1))
     ev.table.sortByColumn(1, Qt.DescendingOrder)
     for show in ("fail_a", "all"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,30 @@ def test_no_captions_is_a_clear_error():
         _check_truth(3, [], np.zeros(0, np.int64), "this gallery")
     with pytest.raises(RsviewerError, match="1 of 3 images have no caption"):
         _check_truth(3, ["a", "b"], np.array([0, 1]), "this gallery")
+
+
+def test_seen_in_training_reads_the_models_train_split(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from rsviewer.retrieval.per_query import seen_in_training, trained_splits
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"train_split": "train+val"}))
+    model = SimpleNamespace(model_dir=tmp_path)
+    assert trained_splits(model) == {"train", "val"}
+    assert seen_in_training(model, ["val", "val", None]) == ["val"]
+    assert seen_in_training(model, ["test"]) == []
+    (tmp_path / "metrics.json").write_text(json.dumps({"train_split": "train", "saw_val": False}))
+    assert seen_in_training(model, ["val"]) == []
+    assert seen_in_training(SimpleNamespace(model_dir=None), ["train"]) == []  # unknown: no claim
+
+
+def test_eval_warns_when_the_split_was_trained_on():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rsviewer", "eval", "--model", "default", "--data",
+                          str(Path(__file__).resolve().parents[1] / "assets" / "gallery" / "gallery.json"),
+                          "--split", "val", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "warning: default was trained on train+val: its val figures are not held-out" in out.stderr

@@ -69,11 +69,24 @@ def run(args) -> int:
 
     model = load(args)
     model_b = _load_b(args) if args.compare else None
+    _warn_if_seen(args.split, [m for m in (model, model_b) if m is not None])
     if not args.per_query and model_b is None:
         res = evaluate(model, ds, args.split, args.rerank, progress=progress_bar(args), batch_size=args.batch_size)
         emit(args, res, _lines(res, ds.name, args.split, args.rerank))
         return 0
     return _run_per_query(args, ds, model, model_b)
+
+
+def _warn_if_seen(split: str, models) -> None:
+    """One stderr line when a model trained on the split it is evaluated on (not a held-out figure)."""
+    import sys
+
+    from ..retrieval.per_query import seen_in_training, trained_splits
+
+    for m in models:
+        if seen_in_training(m, [split]):
+            print(f"warning: {getattr(m, 'name', m.arch)} was trained on {'+'.join(sorted(trained_splits(m)))}: "
+                  f"its {split} figures are not held-out", file=sys.stderr)
 
 
 def _summary(pq, ds, split: str) -> dict:

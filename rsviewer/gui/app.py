@@ -73,16 +73,26 @@ def finish(win, rc: int) -> int:
 # ---------------------------------------------------------------------- screenshots
 
 
+TABS = ("results", "map", "scene", "explain", "compare", "evaluate")
+
+
 def demo_steps(win, query: Optional[str], tab: Optional[str]) -> Iterator[tuple[str, Callable[[], bool], float]]:
     """Drive the window like a user; each yield waits for ``(what, condition, timeout_s)``."""
     from . import state
     from .util import thumbs
 
     tab = (tab or "results").lower()
-    if tab not in ("results", "map", "scene", "explain", "compare"):
-        raise SystemExit(f"error: --tab must be results, map, scene, explain or compare, not {tab!r}")
+    if tab not in TABS:
+        raise SystemExit(f"error: --tab must be {', '.join(TABS[:-1])} or {TABS[-1]}, not {tab!r}")
     yield "model and gallery", lambda: win.model is not None and win.index is not None or bool(win.last_error), 900
     if win.model is None:
+        return
+    if tab == "evaluate":
+        win.tabs.setCurrentWidget(win.evaluate)
+        ev = win.evaluate
+        ev.select_models(str(getattr(win.model, "model_dir", None) or "default"))
+        ev.compute()
+        yield "evaluation", lambda: bool(ev.pqs) or ev.compute_button.isEnabled(), 900
         return
     if tab == "scene":
         scene_path = next((p for p in state.DEMO_SCENES if p.exists()), None)

@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDia
                                QTabWidget, QVBoxLayout, QWidget)
 
 from ..retrieval.per_query import (KS, Scores, class_recall, confusion, per_query, query_labels, score_index,
-                                   top1_labels)
+                                   seen_in_training, top1_labels)
 from ..utils.atomic import atomic_file
 from . import state, theme
 
@@ -118,13 +118,16 @@ def _pairwise_to_disk(model, index, scores) -> None:
 
 def evaluate_models(specs, gallery, rerank, progress=None, cancel=None) -> dict:
     """What the Compute button runs: each model's PerQuery and seconds."""
-    out = {"pqs": [], "seconds": [], "cached": []}
+    out = {"pqs": [], "seconds": [], "cached": [], "seen": []}
     for spec in specs:
         t0 = time.perf_counter()
         pq, cached = evaluate_model(spec, gallery, rerank, progress, cancel)
         out["pqs"].append(pq)
         out["seconds"].append(time.perf_counter() - t0)
         out["cached"].append(cached)
+        model = state.get_model(spec)
+        items = state.open_gallery(gallery, model).items  # in memory after evaluate_model
+        out["seen"].append(seen_in_training(model, [it.get("split") for it in items]))
     return out
 
 
@@ -668,8 +671,11 @@ class EvaluateWidget(QWidget):
                          for pq, s, c in zip(self.pqs, out["seconds"], out["cached"]))
         pq = self.pqs[0]
         ce = pq.ceiling
+        seen = [f"{pq.model} trained on the {'+'.join(sp)} split" for pq, sp in zip(self.pqs, out.get("seen", [])) if sp]
         self.info.setText(f"{state.gallery_label(self.gallery_spec)}: {len(pq.ids)} images, {len(pq.captions)} captions, "
-                          f"{ce['n_distinct']} distinct strings; rerank {pq.rerank}. Time: {secs}.")
+                          f"{ce['n_distinct']} distinct strings; rerank {pq.rerank}. Time: {secs}."
+                          + (f"\n⚠ Not held-out: {'; '.join(seen)} and these images are tagged so — "
+                             "its numbers here are optimistic." if seen else ""))
         self._fill_metrics()
         self.dup_note.setText(
             f"Duplicate captions: {len(pq.captions) - ce['n_distinct']} captions repeat another string, so even a model "

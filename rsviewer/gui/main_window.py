@@ -32,7 +32,7 @@ SHORTCUTS = [
     ("O", "toggle the heatmap overlay (details or scene)"),
     ("Ctrl+E", "explain the selected result"),
     ("Ctrl+S", "save: results (CSV/JSON), map (PNG) or scene overlay (PNG), by tab"),
-    ("Ctrl+1…4", "switch tab"),
+    ("Ctrl+1…5", "switch tab"),
 ]
 
 
@@ -157,7 +157,7 @@ class MainWindow(QMainWindow):
         a.triggered.connect(self.close)
         m.addAction(a)
         v = self.menuBar().addMenu("&View")
-        for i, name in enumerate(("Results", "Embedding map", "Scene", "Compare")):
+        for i, name in enumerate(("Results", "Embedding map", "Scene", "Compare", "Evaluate")):
             a = QAction(name, self)
             a.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
             a.triggered.connect(lambda _=False, i=i: self.tabs.setCurrentIndex(i))

@@ -177,6 +177,28 @@ def score_index(
                   [it["path"] for it in index.items])
 
 
+def trained_splits(model) -> set[str]:
+    """The dataset splits a model's training saw, from its ``metrics.json`` (``train_split``,
+    e.g. ``train+val`` for a model retrained after cross-validation). Empty when unknown."""
+    import json
+
+    folder = getattr(model, "model_dir", None)
+    try:
+        meta = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8")) if folder else {}
+    except (OSError, ValueError):
+        return set()
+    split = str(meta.get("train_split") or "")
+    return {s for s in split.split("+") if s} | ({"val"} if meta.get("saw_val") else set())
+
+
+def seen_in_training(model, splits: Sequence[Optional[str]]) -> list[str]:
+    """The splits among a gallery's (its items' ``split`` tags) that the model trained on: a
+    metric there is not a held-out figure (the shipped default trained on train+val, and the
+    demo gallery is UCM val). Matching is by split name, so it warns, it does not prove."""
+    seen = trained_splits(model)
+    return sorted({s for s in splits if s} & seen)
+
+
 # --------------------------------------------------------------------------- duplicates
 def _norm(text: str) -> str:
     return " ".join(text.split())
