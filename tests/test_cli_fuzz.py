@@ -280,3 +280,19 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     assert "Traceback" in err and "ZeroDivisionError" in err
     assert err.strip().splitlines()[-1].endswith("please report it with the command line and the traceback above")
     assert "error:" not in err  # a bug is not dressed up as a user error
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--screenshot", "{ws}/keep.png"], "already exists; pass --force"),
+    (["--screenshot", "{ws}/keep.png/x.png"], "is not a folder"),
+    (["--screenshot", "{ws}/x.png", "--tab", "bogus"], "--tab must be"),
+    (["--screenshot", "{ws}/x.txt"], "name a .png"),
+])
+def test_screenshot_is_checked_before_any_work(ws, argv, expect):
+    """`rsviewer --screenshot` never replaces a file without --force; bad values are one line."""
+    keep = ws / "keep.png"
+    keep.write_bytes(b"not rsviewer's")
+    p = rsviewer(ws, *[a.format(ws=ws) for a in argv])
+    assert_one_line_error(p, expect)
+    assert keep.read_bytes() == b"not rsviewer's"
+    assert not (ws / "x.png").exists()

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", default=None, help="dataset JSON, folder of images or index for the app")
     p.add_argument("--screenshot", metavar="PNG", help="render the main window after a demo query to PNG and exit")
     p.add_argument("--query", default=None, help="with --screenshot: the demo query")
+    p.add_argument("--force", action="store_true", help="with --screenshot: replace an existing PNG")
     p.add_argument("--tab", default=None, help="with --screenshot: the tab to show (results|map|scene|explain|compare|evaluate)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

@@ -31,6 +31,20 @@ def make_app():
 
 def run_app(args) -> int:
     screenshot = getattr(args, "screenshot", None)
+    if screenshot:  # checked before any work: never replace a file without --force, a bad tab is one line
+        from ..errors import OutputError
+        from ..utils.atomic import check_output_file
+
+        tab = (getattr(args, "tab", None) or "results").lower()
+        try:
+            if tab not in TABS:
+                raise OutputError(f"--tab must be {', '.join(TABS[:-1])} or {TABS[-1]}, not {tab!r}")
+            if Path(screenshot).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+                raise OutputError(f"--screenshot {screenshot}: name a .png (or .jpg/.bmp/.webp) file")
+            check_output_file(screenshot, getattr(args, "force", False), label="screenshot")
+        except OutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if screenshot and os.environ.get("QT_QPA_PLATFORM") is None:
         os.environ["QT_QPA_PLATFORM"] = "offscreen"  # a screenshot never needs a display
     try:
@@ -174,8 +188,13 @@ def take_screenshot(app, win, out: Path, query: Optional[str], tab: Optional[str
     for _ in range(5):  # let the last repaints land
         app.processEvents()
         time.sleep(0.05)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ok = win.grab().save(str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)  # like every rsviewer output (checked writable at start)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{out.suffix}")  # atomic: a whole PNG or none
+    ok = win.grab().save(str(tmp))
+    if ok:
+        os.replace(tmp, out)
+    else:
+        tmp.unlink(missing_ok=True)
     msg = win.last_error
     win.jobs.cancel()
     win.jobs.wait_all(5000)
