@@ -22,11 +22,15 @@ GeoTIFF is built and timed in the same run as the reference. Also records the lo
 average before/after and the CPU model, because the machine may be shared.
     python bench/localize.py --json --no-reference       # skip the same-run torch reference
 
-The timing mode runs the child twice: with ``--runtime`` (default ``auto``: the ONNX
-feature-map graph, :mod:`rsviewer.runtime`) and with ``--runtime torch`` (the PyTorch
-path, the reference), and prints both and the ratio of first-query times. The one-off
-ONNX export/load (``runtime_setup_s``; in the user cache after a first run) is timed
-before the first query and reported apart.
+The timing mode runs the child twice on the same scene, each with a fresh window cache:
+with ``--runtime`` (default ``auto``: the ONNX feature-map graph ``maps``,
+:mod:`rsviewer.runtime`) and with ``--runtime eager`` (the reference: the same shared-map
+work through plain ``model.feature_maps`` in torch eager fp32, the fused inference copy of
+:mod:`rsviewer.localize.fused` switched off), and prints both first- and second-query
+seconds, their ratios (reference / rsviewer) and the CPU (:mod:`bench.common`).
+``--reference torch`` compares with rsviewer's own PyTorch path instead (fused backbone).
+The one-off ONNX export/load (``runtime_setup_s``; in the user cache after a first run)
+is timed before the first query and reported apart.
 
 Prints one JSON object. Skips (exit 0, with a message) when the UCM images are absent.
 """
@@ -122,23 +126,11 @@ def build_geotiff(path: Path, size: int, tile: int = 256, seed: int = 0, block: 
             "overviews": factors, "build_s": round(time.perf_counter() - t, 1)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def run_child(args, scene: str, tmp: str) -> dict:
     env = dict(os.environ, RSVIEWER_CACHE=str(Path(tmp) / f"cache-{Path(scene).stem}"), PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
            "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
-           "--threads", str(args.threads), "--tile", str(args.tile)]
+           "--threads", str(args.threads), "--tile", str(args.tile), "--runtime", args.runtime]
     if args.input_size:
         cmd += ["--input-size", str(args.input_size)]
     if args.two_stage:
@@ -161,6 +153,8 @@ def geotiff_main(args) -> int:
     if not (UCM / "images").is_dir():
         print(json.dumps({"skipped": f"{UCM / 'images'} not available"}))
         return 0
+    from bench.common import cpu_model
+
     info: dict = {"cpu": cpu_model(), "cores": os.cpu_count(), "geotiff": True, "runs": {}}
     sizes = [10240] + ([args.size] if args.size != 10240 else [])
     with tempfile.TemporaryDirectory(prefix="rsv-bench-geo-") as tmp:
@@ -195,18 +189,25 @@ def child(args) -> None:
     t_load = time.perf_counter() - t0
     from rsviewer.runtime import towers
 
+    runtime = args.runtime
+    if runtime == "eager":  # the reference: plain model.feature_maps, no fused inference copy
+        import rsviewer.localize.fused as fused_mod
+
+        fused_mod.fused_backbone = lambda *a, **k: None
+        runtime = "torch"
     t0 = time.perf_counter()
-    tw = towers(model, args.runtime)
+    tw = towers(model, runtime)
     if tw.runtime != "torch":
         tw.maps_available()  # export (fresh cache) or load the feature-map graph
     t_setup = time.perf_counter() - t0
     sizes = [int(s) for s in args.windows.split(",")]
-    opts = {"mode": args.mode, "precision": args.precision}
+    opts = {"mode": args.mode, "precision": args.precision, "runtime": runtime}
     if args.tile:
         opts["tile"] = args.tile
     if args.input_size:
         opts["input_size"] = args.input_size
     out = {"device": describe(dev), "threads": torch.get_num_threads(), "model": args.model, "mode": args.mode,
+           "runtime_arg": args.runtime,
            "model_load_s": round(t_load, 2), "runtime": tw.info(), "runtime_setup_s": round(t_setup, 2)}
     cpu0 = time.process_time()
     with open_scene(args.scene) as sc:
@@ -224,6 +225,9 @@ def child(args) -> None:
         cell=r1.cell,
         effective_mode=r1.info.get("mode"),
         precision=r1.info.get("precision"),
+        encode_runtime=r1.info.get("runtime"),
+        fused=r1.info.get("fused"),
+        maps=r1.info.get("maps"),
         first_query_s=round(r1.seconds, 2),
         first_query_cpu_s=round(cpu1 - cpu0, 2),
         first_cached=r1.cached,
@@ -282,7 +286,7 @@ def _run_child(args, scene: str, cache: Path, runtime: str):
     env = dict(os.environ, RSVIEWER_CACHE=str(cache), PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
            "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
-           "--threads", str(args.threads), "--runtime", runtime]
+           "--threads", str(args.threads), "--tile", str(args.tile), "--runtime", runtime]
     if args.input_size:
         cmd += ["--input-size", str(args.input_size)]
     if args.two_stage:
@@ -314,8 +318,11 @@ def main() -> int:
     ap.add_argument("--windows", default="256,512,768")
     ap.add_argument("--two-stage", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "openvino", "torch"])
-    ap.add_argument("--no-reference", action="store_true", help="do not also run the --runtime torch reference")
+    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "openvino", "torch", "eager"],
+                    help="rsviewer's runtime (default auto); eager: plain torch, no fused backbone")
+    ap.add_argument("--reference", default="eager", choices=["eager", "torch"],
+                    help="the same-run reference: eager (plain torch fp32, default) or torch (the fused backbone)")
+    ap.add_argument("--no-reference", action="store_true", help="do not also run the same-run reference")
     ap.add_argument("--scene", help="use this scene instead of building the mosaic")
     ap.add_argument("--keep", help="build the mosaic at this path and keep it")
     ap.add_argument("--fidelity", action="store_true",
@@ -348,10 +355,11 @@ def main() -> int:
                 info["build_s"] = round(time.perf_counter() - t, 1)
             scene = str(path)
         info["scene"] = scene
-        from bench.common import cpu_model, loadavg
+        from bench.common import cpu_flags, cpu_model, loadavg
 
-        info.update(cpu=cpu_model(), loadavg=loadavg())
-        runs = [("rsviewer", args.runtime)] + ([] if args.no_reference else [("reference_torch", "torch")])
+        info.update(cpu=cpu_model(), cpu_flags=cpu_flags(), cores=os.cpu_count(), loadavg=loadavg())
+        ref = f"reference_{args.reference}"
+        runs = [("rsviewer", args.runtime)] + ([] if args.no_reference else [(ref, args.reference)])
         for name, rt in runs:
             res = _run_child(args, scene, Path(tmp) / f"cache-{name}", rt)
             if res is None:
@@ -359,10 +367,15 @@ def main() -> int:
             if name == "rsviewer":
                 info.update(res)  # the figures at the top level, as before
             else:
-                info[name] = {k: res[k] for k in ("runtime", "effective_mode", "precision", "first_query_s", "first_query_cpu_s",
+                info[name] = {k: res[k] for k in ("runtime_arg", "encode_runtime", "fused", "effective_mode",
+                                                  "precision", "first_query_s", "first_query_cpu_s",
                                                   "second_query_s", "peak_rss_mb", "loadavg_1min") if k in res}
-        if "reference_torch" in info:
-            info["ratio_first_query"] = round(info["reference_torch"]["first_query_s"] / info["first_query_s"], 2)
+        if ref in info:
+            r = info[ref]
+            info["ratio_first_query"] = round(r["first_query_s"] / info["first_query_s"], 2)
+            info["ratio_second_query"] = round(r["second_query_s"] / max(info["second_query_s"], 1e-9), 2)
+            info["target_first_query_ge_2_5x_eager"] = args.reference == "eager" and info["ratio_first_query"] >= 2.5
+        info["loadavg_end"] = loadavg()
     print(json.dumps(info) if args.json else json.dumps(info, indent=2))
     return 0
 

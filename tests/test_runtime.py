@@ -252,3 +252,34 @@ def test_openvino_runs_the_same_graphs():
     got_m = tw.feature_maps(x)
     assert all(_cos(got_m[k], ref_m[k]) >= 0.9999 for k in ref_m)
     assert tw.info()["image"] == tw.info()["text"] == "openvino"
+
+
+# ---- localization windows through the `maps` graph (what bench/localize.py compares) ------------
+from conftest import SHARED, needs_shared  # noqa: E402
+
+SCENE0 = SHARED / "scenes" / "ucm-mosaics" / "images" / "scene0.jpg"
+
+
+@needs_shared(SCENE0)
+def test_localize_windows_onnx_maps_match_torch_eager(default_model, tmp_path, monkeypatch):
+    """``runtime="onnx"`` reaches the window encoder (the ``maps`` graph runs) and gives the
+    embeddings of plain torch eager fp32 (the fused copy switched off, as the bench's
+    reference does) on a real scene crop."""
+    from PIL import Image
+
+    import rsviewer.localize.fused as fused_mod
+    from rsviewer.localize import open_scene, sliding_windows
+    from rsviewer.localize.encode import encode_windows
+
+    path = tmp_path / "crop.png"
+    with Image.open(SCENE0) as im:
+        im.convert("RGB").crop((0, 0, 512, 512)).save(path)
+    with open_scene(path) as sc:
+        boxes = sliding_windows(sc.size, [256])
+        e_onnx, _, info = encode_windows(default_model, sc, boxes, mode="fast", precision="fp32", runtime="onnx")
+        monkeypatch.setattr(fused_mod, "fused_backbone", lambda *a, **k: None)
+        e_eager, _, info_t = encode_windows(default_model, sc, boxes, mode="fast", precision="fp32", runtime="torch")
+    assert info["runtime"] == "onnx" and info["maps"] == "onnx" and info["mode"] == "fast"
+    assert info_t["runtime"] == "torch" and info_t["fused"] is False
+    assert len(boxes) > 1 and e_onnx.shape == e_eager.shape
+    assert float(np.sum(e_onnx * e_eager, 1).min()) >= 0.9999
