@@ -353,6 +353,24 @@ def test_fast_mode_equals_crops_on_aligned_grid(tmp_path):
     np.testing.assert_allclose(c.raw, b.raw, atol=1e-5)
 
 
+def test_fast_mode_same_embeddings_for_any_band_height(tmp_path):
+    # the band memory handling (preallocated bands, rows trimmed between bands) must not
+    # change a window's features: one-cell bands, two-cell bands and one band for the whole
+    # scene give the same embeddings, on a scene with partial border cells
+    from rsviewer.localize.encode import encode_windows
+    from rsviewer.localize.grid import sliding_windows
+
+    _write_scene(tmp_path / "s.png", 350, 290)
+    m = TinyModel()
+    sc = open_scene(tmp_path / "s.png")
+    boxes = sliding_windows(sc.size, (64, 128))
+    ref = encode_windows(m, sc, boxes, mode="fast", tile=64, precision="fp32", runtime="torch")[0]
+    for tile in (1, 2, 3):
+        emb, _, info = encode_windows(m, sc, boxes, mode="fast", tile=tile, precision="fp32", runtime="torch")
+        assert info["mode"] == "fast" and info["tiles"] > 1
+        np.testing.assert_allclose(emb, ref, atol=1e-6)
+
+
 def test_result_shape_upsample_overlay(tmp_path):
     _write_scene(tmp_path / "s.png", 300, 200)
     res = localize(TinyModel(), tmp_path / "s.png", "q", window_sizes=(64, 128), cache=False)

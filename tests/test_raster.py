@@ -310,9 +310,32 @@ def test_bad_rasters_give_one_line(geo, default_model, tmp_path):
     with open_raster(loc) as r:
         with pytest.raises(GeorefError, match="WGS 84") as e:
             r.georef.check_wgs84()
+        assert "{" not in str(e.value)  # PROJ's message embeds the CRS as PROJJSON: cut off
         errors.append(str(e.value))
     for msg in errors:
         assert "\n" not in msg and len(msg) < 400, msg
+
+
+def test_cli_index_scenes_bad_input_one_line(geo, default_model, tmp_path, monkeypatch, capsys):
+    # an all-nodata scene among good ones, a truncated one, bad tile settings: exit 2 and one
+    # line each, before any tile is encoded; nothing written
+    import rsviewer.cli.index as cli_index
+    from rsviewer.cli.main import main
+
+    monkeypatch.setattr(cli_index, "load", lambda args: default_model)
+    nod = write_geotiff(tmp_path / "nod.tif", np.zeros((512, 512, 3), np.uint8), CROP_A, nodata=0)
+    good = geo["a8"].read_bytes()
+    (tmp_path / "trunc.tif").write_bytes(good[: len(good) * 2 // 3])
+    out = tmp_path / "idx"
+    cases = [(["--scenes", str(nod), "--scenes", str(geo["b8"])], "no valid pixels"),
+             (["--scenes", str(tmp_path / "trunc.tif")], "truncated"),
+             (["--scenes", str(geo["b8"]), "--tile", "8"], "--tile"),
+             (["--scenes", str(geo["b8"]), "--overlap", "1.5"], "--overlap")]
+    for extra, what in cases:
+        assert main(["index", *extra, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and what in err[0], err
+    assert not out.exists()
 
 
 def test_cli_writes_cog_and_geojson_and_checks_outputs_first(geo, default_model, tmp_path, monkeypatch, capsys):

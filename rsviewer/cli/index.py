@@ -57,7 +57,7 @@ def _run_scenes(args) -> int:
 
     scene_files(args.scenes)  # missing scenes fail before the model loads
     check_out_dir(args, args.out, args.scenes)
-    tile_boxes((1 << 20, 1 << 20), args.tile, args.overlap, args.level)  # so do bad tile settings
+    tile_boxes((64, 64), args.tile, args.overlap, args.level)  # so do bad tile settings (a tiny size: checks only)
     model = load(args)
     idx = build_tile_index(model, args.scenes, args.out, tile=args.tile, overlap=args.overlap, level=args.level,
                            progress=progress_bar(args), overwrite=args.force)

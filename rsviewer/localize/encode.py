@@ -304,43 +304,15 @@ def _encode_fast_scale(model, scene: Scene, boxes: np.ndarray, input_size: int, 
     dev = model.device
     for b0 in range(0, ncy, tile):
         b1 = min(ncy, b0 + tile)
-        # rows this band must provide: none if every remaining window ends above b0
-        row_maps: list[dict[str, torch.Tensor]] = []
-        for t0 in range(0, ncx, tile):
-            check(cancel)
-            t1 = min(ncx, t0 + tile)
-            px0, px1 = max(0, t0 * 32 - hp), min(Ws, t1 * 32 + hp)
-            py0, py1 = max(0, b0 * 32 - hp), min(Hs, b1 * 32 + hp)
-            X0, X1 = int(round(px0 / sx)), int(round(px1 / sx))
-            Y0, Y1 = int(round(py0 / sy)), int(round(py1 / sy))
-            arr = scene.read_region(X0, Y0, max(1, X1 - X0), max(1, Y1 - Y0), (px1 - px0, py1 - py0))
-            check(cancel)
-            x = _prep(model, arr[None], precision, bf16_input)
-            with torch.inference_mode():
-                maps = features(x)
-            cut = {}
-            for name in names:
-                st = _stride(name)
-                fac = 32 // st
-                m = maps[name][0].float()
-                oy, ox = (b0 * 32 - py0) // st, (t0 * 32 - px0) // st
-                hh, ww = (b1 - b0) * fac, (t1 - t0) * fac
-                m = m[:, oy : oy + hh, ox : ox + ww]
-                if m.shape[1] < hh or m.shape[2] < ww:  # partial cell at the scene border
-                    m = torch.nn.functional.pad(m, (0, ww - m.shape[2], 0, hh - m.shape[1]))
-                cut[name] = m
-            del maps
-            row_maps.append(cut)
-            tile_tick()
-        band = {name: torch.cat([rm[name] for rm in row_maps], 2) for name in names}
+        band = _read_band(scene, model, names, b0, b1, ncx, tile, hp, (Ws, Hs), (sx, sy), precision,
+                          bf16_input, features, tile_tick, cancel)
         bands.append((b0, b1, band))
         # windows whose rows are all available now
         ready_end = done
         while ready_end < len(order) and r0[order[ready_end]] + k <= b1:
             ready_end += 1
         if ready_end > done:
-            buf_r0 = bands[0][0]
-            buf = {name: torch.cat([bd[2][name] for bd in bands], 1) for name in names}
+            buf_r0, buf = _band_buffer(bands, int(r0[order[done:ready_end]].min()), names)
             for a in range(done, ready_end, pool_batch):
                 check(cancel)
                 idx = order[a : min(ready_end, a + pool_batch)]
@@ -361,17 +333,76 @@ def _encode_fast_scale(model, scene: Scene, boxes: np.ndarray, input_size: int, 
                 tick(len(idx))
             done = ready_end
             del buf
-        # drop bands no remaining window needs
+        # drop the rows no remaining window needs (memory: at most one window's height of rows stays)
         if done < len(order):
-            need = int(r0[order[done:]].min())
-            while bands and bands[0][1] <= need:
-                bands.pop(0)
+            bands = _trim_bands(bands, int(r0[order[done:]].min()), names)
         else:
             bands.clear()
     if len(emb_parts) != len(boxes):  # pragma: no cover - geometry guarantees this
         raise RuntimeError(f"fast mode encoded {len(emb_parts)} of {len(boxes)} windows")
     out = np.stack([emb_parts[i] for i in range(len(boxes))]).astype(np.float32)
     return out
+
+
+def _read_band(scene, model, names, b0: int, b1: int, ncx: int, tile: int, hp: int, scaled, scale,
+               precision: str, bf16_input: bool, features: Callable, tile_tick, cancel) -> dict:
+    """Feature-map rows ``b0:b1`` (stride-32 cells) of the resampled scene, tile by tile.
+
+    Memory: each tile's maps are copied into one preallocated band per map (no list of
+    tiles plus a concatenated copy), and the tile's full maps are freed before the next
+    read, so the band plus one tile is the peak."""
+    Ws, Hs = scaled
+    sx, sy = scale
+    band: dict[str, torch.Tensor] = {}
+    for t0 in range(0, ncx, tile):
+        check(cancel)
+        t1 = min(ncx, t0 + tile)
+        px0, px1 = max(0, t0 * 32 - hp), min(Ws, t1 * 32 + hp)
+        py0, py1 = max(0, b0 * 32 - hp), min(Hs, b1 * 32 + hp)
+        X0, X1 = int(round(px0 / sx)), int(round(px1 / sx))
+        Y0, Y1 = int(round(py0 / sy)), int(round(py1 / sy))
+        arr = scene.read_region(X0, Y0, max(1, X1 - X0), max(1, Y1 - Y0), (px1 - px0, py1 - py0))
+        check(cancel)
+        x = _prep(model, arr[None], precision, bf16_input)
+        del arr
+        with torch.inference_mode():
+            maps = features(x)
+        del x
+        for name in names:
+            st = _stride(name)
+            fac = 32 // st
+            m = maps[name][0]
+            if name not in band:  # zeros: a partial cell at the scene border stays zero-padded
+                band[name] = torch.zeros((m.shape[0], (b1 - b0) * fac, ncx * fac), dtype=torch.float32, device=m.device)
+            oy, ox = (b0 * 32 - py0) // st, (t0 * 32 - px0) // st
+            hh, ww = (b1 - b0) * fac, (t1 - t0) * fac
+            m = m[:, oy : oy + hh, ox : ox + ww]
+            band[name][:, : m.shape[1], t0 * fac : t0 * fac + m.shape[2]] = m.float()
+        del maps, m
+        tile_tick()
+    return band
+
+
+def _band_buffer(bands: list, row0: int, names) -> tuple[int, dict]:
+    """Rows ``row0:`` of the kept bands as one map per name (no copy when one band holds them)."""
+    bands[:] = _trim_bands(bands, row0, names)
+    if len(bands) == 1:
+        return bands[0][0], bands[0][2]
+    return bands[0][0], {name: torch.cat([bd[2][name] for bd in bands], 1) for name in names}
+
+
+def _trim_bands(bands: list, need: int, names) -> list:
+    """Drop bands that end above row ``need`` and cut the first kept one to start at it
+    (a view copied out, so the rows above are freed)."""
+    kept = [bd for bd in bands if bd[1] > need]
+    if kept and kept[0][0] < need:
+        b0, b1, maps = kept[0]
+        cut = {}
+        for name in names:
+            fac = 32 // _stride(name)
+            cut[name] = maps[name][:, (need - b0) * fac :].clone()
+        kept[0] = (need, b1, cut)
+    return kept
 
 
 # ---- entry point ----------------------------------------------------------------------------

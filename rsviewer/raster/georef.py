@@ -75,9 +75,10 @@ class Georef:
         pts = [(0, 0), (W, 0), (W, H), (0, H), (W / 2, H / 2)]
         try:
             lon, lat = self.to_lonlat([p[0] for p in pts], [p[1] for p in pts])
-        except Exception as e:  # PROJ raises several types
+        except Exception as e:  # PROJ raises several types; its message may embed the CRS as PROJJSON
+            why = " ".join(str(e).split(" from ")[0].split())[:80]
             raise GeorefError(f"the CRS of {self.name} ({self.crs_label()}) cannot be transformed to WGS 84 "
-                              f"({' '.join(str(e).split())[:120]}); use the scene's CRS instead") from None
+                              f"({why}); use the scene's CRS instead (CLI --geojson-crs scene)") from None
         bad = [v for v in list(lon) + list(lat) if not math.isfinite(v)]
         if bad or any(abs(v) > 90 for v in lat) or any(abs(v) > 540 for v in lon):
             raise GeorefError(f"the CRS of {self.name} ({self.crs_label()}) does not transform to valid "
