@@ -59,6 +59,7 @@ class Hit:
     label: Optional[str]
     captions: list[str]
     text: Optional[str] = None  # the matched caption (image→text)
+    tile: Optional[dict] = None  # a tile index's record: pixel box, level, map/lon-lat bounds, CRS
 
 
 @dataclass
@@ -205,7 +206,8 @@ def _hits(index: GalleryIndex, rows: np.ndarray, scores: np.ndarray) -> list[Hit
     out = []
     for r, (i, s) in enumerate(zip(rows.tolist(), scores.tolist())):
         it = index.items[i]
-        out.append(Hit(r + 1, i, float(s), it["id"], it["path"], it.get("label"), list(it.get("captions", []))))
+        out.append(Hit(r + 1, i, float(s), it["id"], it["path"], it.get("label"), list(it.get("captions", [])),
+                       tile=it.get("tile")))
     return out
 
 
