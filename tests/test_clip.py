@@ -39,7 +39,7 @@ def make_ref(kind="vit", act="quick_gelu", seed=0):
 @torch.no_grad()
 def ref_embeddings(ref, model, imgs, texts):
     px = model.preprocess(imgs)
-    ids = model.tokenize(texts)["input_ids"]
+    ids, _ = model.clip_tokenizer([model.cfg.caption_prefix + t for t in texts])  # all 77 positions, as OpenAI
     return F.normalize(ref.encode_image(px), dim=-1), F.normalize(ref.encode_text(ids), dim=-1)
 
 
@@ -388,3 +388,35 @@ def test_train_heads_on_a_frozen_clip(tmp_path, tiny_vit_file):
         mi = m.encode_image(m.preprocess(imgs))
         assert torch.allclose(F.normalize(m.image_features(m.preprocess(imgs))["pooled"], dim=-1), ri, atol=1e-5)
         assert (mi - ri).abs().max() > 1e-4
+
+
+def test_pads_after_the_last_end_token_are_cut_and_embeddings_do_not_change(tiny_vit_file):
+    ref, path = tiny_vit_file
+    model = load_model(path)
+    texts = ["a photo of a cat", "many planes parked next to a long runway at the airport"]
+    full, _ = model.clip_tokenizer([model.cfg.caption_prefix + t for t in texts])  # padded to the context
+    ids = model.tokenize(texts)["input_ids"]
+    assert set(model.tokenize(texts)) == {"input_ids"}
+    assert full.shape[1] == model.cfg.model.get("context_length", full.shape[1]) and ids.shape[1] < full.shape[1]
+    assert int(ids[1, -1]) == 49407 and torch.equal(ids, full[:, : ids.shape[1]])  # the longest ends the batch
+    with torch.no_grad():
+        ref_t = F.normalize(ref.encode_text(full), dim=-1)  # the reference on all 77 positions
+        assert torch.allclose(model.encode_text(texts), ref_t, atol=1e-6)
+
+
+def test_tiny_clip_towers_run_in_onnx_runtime(tiny_vit, monkeypatch, tmp_path):
+    """Both towers export and run in ONNX Runtime (the text graph used to fail: an unused
+    attention_mask input was dropped by the exporter and then fed by the runtime)."""
+    monkeypatch.setenv("RSVIEWER_CACHE", str(tmp_path / "cache"))
+    from rsviewer.runtime.towers import Towers
+
+    tw = Towers(tiny_vit, "onnx")
+    px = tiny_vit.preprocess(images(3))
+    with torch.no_grad():
+        got_i = tw.image_states(px)["emb"]
+        got_t = tw.text_states(TEXTS)["emb"]
+        ref_i, ref_t = tiny_vit.encode_image(px), tiny_vit.encode_text(TEXTS)
+    info = tw.info()
+    assert info["image"] == "onnx" and info["text"] == "onnx", info
+    assert F.cosine_similarity(got_i, ref_i).min() >= 0.9999
+    assert F.cosine_similarity(got_t, ref_t).min() >= 0.9999

@@ -29,6 +29,19 @@ from .registry import register
 INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
+def trim_pads(ids: torch.Tensor) -> torch.Tensor:
+    """Cut the padding after the batch's last end token. Under the causal mask nothing after
+    a sequence's end token reaches its pooled state, so the embeddings are unchanged; a short
+    query runs ~8 positions instead of 77 (about 5x less text compute)."""
+    from ..nets.clip.tokenizer import EOT
+
+    if ids.numel() == 0:
+        return ids
+    is_end = ids == EOT
+    last = int(torch.where(is_end.any(1), is_end.int().argmax(1), ids.shape[1] - 1).max())
+    return ids[:, : last + 1].contiguous()
+
+
 @dataclass
 class ClipConfig(BaseConfig):
     image_backbone: str = "clip"
@@ -168,13 +181,15 @@ class Clip(RetrievalModel):
         return (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
 
     # ---- the towers -----------------------------------------------------------------------------
+    # OpenAI-layout towers take ids only: the causal mask already hides the pads from the end
+    # token (so a mask input would be unused, and the ONNX exporter drops unused inputs).
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         texts = [self.cfg.caption_prefix + t for t in texts]
         if self.tower.kind == "hf":
             tok, self.last_truncated = self.tower.tokenize(texts)
             return tok
         ids, self.last_truncated = self.clip_tokenizer(texts)
-        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+        return {"input_ids": trim_pads(ids)}
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         t = self.tower
