@@ -81,3 +81,65 @@ def test_scene_view_georeferenced(scene_widget, qtbot, tmp_path):
     seen = w.view.mapToScene(w.view.viewport().rect()).boundingRect()
     assert seen.contains(QRectF(256, 0, 256, 256)) and seen.height() < 1000  # zoomed in, the hit in view
     assert w.region_items[0].toolTip() == "hit"
+
+
+def test_tile_index_gallery_shows_tiles_and_double_click_opens_the_scene(qtbot, tmp_path, monkeypatch):
+    """A tile index opened as the app's gallery: hits show their tile (a window of the scene,
+    not the scene) and its coordinates; a double-click opens the Scene view centred on the hit."""
+    from PySide6.QtCore import Qt
+
+    from rsviewer.checkpoint import load_model
+    from rsviewer.gui.app import make_app
+    from rsviewer.gui.main_window import MainWindow
+    from rsviewer.gui.util import thumb_key, thumbs
+    from rsviewer.localize.tiles import build_tile_index
+    from test_raster import AIRPLANE, CROP_B
+
+    monkeypatch.setenv("RSVIEWER_CONFIG_DIR", str(tmp_path / "config"))
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    write_geotiff(scenes / "a.tif", _pixels(CROP_A), CROP_A)
+    write_geotiff(scenes / "b.tif", _pixels(CROP_B), CROP_B, overviews=True)
+    build_tile_index(load_model("default"), [scenes], tmp_path / "tiles", tile=256, overlap=0.5)
+
+    make_app()
+    win = MainWindow(model="default", gallery=str(tmp_path / "tiles"))
+    qtbot.addWidget(win)
+    win.resize(1400, 900)
+    win.show()
+    qtbot.waitUntil(lambda: win.index is not None or bool(win.last_error), timeout=WAIT)
+    assert win.index is not None, win.last_error
+    win.run_text(AIRPLANE)
+    qtbot.waitUntil(lambda: win.last_result is not None or bool(win.last_error), timeout=WAIT)
+    hits = win.results.hits()
+    assert hits and all(h.tile for h in hits)
+    top = hits[0]
+    assert top.path.endswith("b.tif")
+    key = thumb_key(top)
+    qtbot.waitUntil(lambda: key in thumbs().pixmaps or key in thumbs().failed, timeout=WAIT)
+    assert key not in thumbs().failed, thumbs().failed.get(key)
+    pm = thumbs().pixmaps[key]
+    assert max(pm.width(), pm.height()) <= thumbs().size and pm.width() > 0  # the tile, at thumbnail size
+    tip = win.results.model.data(win.results.model.index(0), Qt.ToolTipRole)
+    assert "px " in tip and "°N" in tip and "Scene view" in tip
+    win.results.grab().save(str(tmp_path / "tiles.png"))
+
+    ix = win.results.model.index(0)
+    win.results.view.scrollTo(ix)
+    pos = win.results.view.visualRect(ix).center()
+    qtbot.mouseClick(win.results.view.viewport(), Qt.LeftButton, pos=pos)
+    qtbot.mouseDClick(win.results.view.viewport(), Qt.LeftButton, pos=pos)
+    sv = win.scene
+    assert win.tabs.currentWidget() is sv
+    qtbot.waitUntil(lambda: sv.item is not None or "Could not" in sv.info.text(), timeout=WAIT)
+    assert sv.scene_path is not None and sv.scene_path.resolve() == Path(top.path).resolve()
+    x, y, w, h = top.tile["box"]
+    qtbot.waitUntil(lambda: bool(sv.region_items), timeout=WAIT)
+    c = sv.view.mapToScene(sv.view.viewport().rect().center())
+    assert x <= c.x() <= x + w and y <= c.y() <= y + h, (c, top.tile["box"])
+    # the dock shows the tile itself, not the whole scene
+    qtbot.waitUntil(lambda: win.details.image_rgb is not None, timeout=WAIT)
+    assert win.details.image_rgb.shape[0] <= max(w, h)
+    win.grab().save(str(tmp_path / "scene.png"))
+    win.jobs.cancel()
+    win.jobs.wait_all(10_000)

@@ -333,14 +333,13 @@ class DetailsPanel(QWidget):
                           f"{matched}<ul style='margin-left:-20px'>{caps}</ul>")
         self.image.set_rgb(None)
         self.image.setText("loading…")
-        path = hit.path
         ses = self.session
         ticket = ses.begin("image", ses.selection_key())
 
         def load(progress, cancel):
-            from .util import load_preview
+            from .util import load_hit_image
 
-            return np.asarray(load_preview(path, DISPLAY).convert("RGB"))
+            return np.asarray(load_hit_image(hit, DISPLAY).convert("RGB"))  # a tile hit: its window only
 
         def failed(msg):
             if ses.accepts(ticket, ses.selection_key()):
@@ -385,7 +384,7 @@ class DetailsPanel(QWidget):
             self.panel.status.setText("No explanation method for this model.")
             return
         layer = self.panel.layer.currentText() if (method in GRADCAM_FAMILY and self.panel.layer.count()) else None
-        model, path, text, qimg = self.model, self.hit.path, self.query_text, self.query_image
+        model, hit, text, qimg = self.model, self.hit, self.query_text, self.query_image
         ses = self.session
         ticket = ses.begin("explain", ses.explain_key(method, layer))
 
@@ -395,7 +394,9 @@ class DetailsPanel(QWidget):
             kw = {}
             if text is None:
                 kw["query_image"] = load_image(qimg)
-            return mod.explain(model, load_image(path), text, method, layer=layer, progress=progress,
+            from .util import load_hit_image
+
+            return mod.explain(model, load_hit_image(hit), text, method, layer=layer, progress=progress,
                                cancel=cancel, **kw)
 
         self.panel.status.setText(f"computing {METHODS_LABEL(method)}…")

@@ -426,6 +426,10 @@ class MainWindow(QMainWindow):
         self.dock.show()
         self.dock.raise_()
         self.session.select(hit)
+        tile = getattr(hit, "tile", None)
+        if tile:  # a tile of a scene index: open the scene there, centred on the hit
+            self.tabs.setCurrentWidget(self.scene)
+            self.scene.open_scene(hit.path, box=tile["box"])
 
     # ------------------------------------------------------------------ map selection
     def _map_selection(self, rows, desc: str) -> None:

@@ -13,7 +13,13 @@ from PySide6.QtWidgets import (QAbstractItemView, QFrame, QHBoxLayout, QLabel, Q
 
 from ..utils.atomic import atomic_file
 from . import theme
-from .util import thumbs
+from .util import thumb_key, thumbs
+
+
+def tile_caption(tile: dict) -> str:
+    from ..localize.tiles import tile_caption as caption  # rasterio only once a tile index is open
+
+    return caption(tile)
 
 THUMB = 160
 CELL_W, CELL_H = THUMB + 12, THUMB + 70
@@ -61,7 +67,8 @@ class ResultsModel(QAbstractListModel):
         if role == Qt.UserRole:
             return h
         if role == Qt.ToolTipRole:
-            caps = "<br>".join(f"• {c}" for c in h.captions[:5]) or "<i>no captions</i>"
+            caps = "<br>".join(f"• {c}" for c in h.captions[:5]) or (
+                f"{tile_caption(h.tile)}<br><i>double-click: open in the Scene view</i>" if getattr(h, "tile", None) else "<i>no captions</i>")
             gt = self.is_gt(h)
             mark = "" if gt is None else (f"<br><b style='color:{theme.GOOD}'>✓ correct</b>" if gt else
                                           f"<br><b style='color:{theme.BAD}'>✗ not ground truth</b>")
@@ -77,7 +84,7 @@ class ResultsModel(QAbstractListModel):
 
     def _thumb_ready(self, path: str) -> None:
         for i, h in enumerate(self.hits):
-            if h.path == path:
+            if thumb_key(h) == path:
                 ix = self.index(i)
                 self.dataChanged.emit(ix, ix)
 
@@ -111,7 +118,8 @@ class ResultDelegate(QStyledItemDelegate):
         # thumbnail (square, centred)
         T = self.thumb
         img_rect = QRect(r.x() + (r.width() - T) // 2, r.y() + 6, T, T)
-        pm = thumbs().get(h.path)
+        key = thumb_key(h)
+        pm = thumbs().get(key)
         if pm is not None and not pm.isNull():
             scaled = pm.scaled(T, T, Qt.KeepAspectRatio, Qt.SmoothTransformation)
             x = img_rect.x() + (T - scaled.width()) // 2
@@ -120,7 +128,7 @@ class ResultDelegate(QStyledItemDelegate):
         else:
             p.fillRect(img_rect, QColor("#e5e7eb"))
             p.setPen(QColor(theme.MUTED))
-            failed = thumbs().failed.get(h.path)
+            failed = thumbs().failed.get(key)
             p.drawText(img_rect, Qt.AlignCenter | Qt.TextWordWrap, "unreadable image" if failed else "loading…")
         # ground-truth frame and mark
         if gt is not None:
@@ -165,7 +173,7 @@ class ResultDelegate(QStyledItemDelegate):
         p.setFont(f2)
         p.setPen(QColor(theme.MUTED))
         p.drawText(line, Qt.AlignRight | Qt.AlignVCenter, f"{h.score:.3f}")
-        cap = h.text or (h.captions[0] if h.captions else h.id)
+        cap = h.text or (h.captions[0] if h.captions else tile_caption(h.tile) if getattr(h, 'tile', None) else h.id)
         cap_rect = QRect(r.x() + 6, y + fm2.height() + 2, r.width() - 12, 2 * fm2.height() + 2)
         p.setPen(QColor(theme.TEXT))
         key = (cap, cap_rect.width(), f2.pointSizeF())

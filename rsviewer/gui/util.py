@@ -108,9 +108,48 @@ class _ThumbJob(QRunnable):
         from .workers import plain_message
 
         try:
-            self.signals.ready.emit(self.path, pil_to_qimage(load_preview(self.path, self.size)))
+            self.signals.ready.emit(self.path, pil_to_qimage(load_thumb(self.path, self.size)))
         except Exception as e:  # noqa: BLE001 - an unreadable file is a "no preview" line, never a crash
             self.signals.failed.emit(self.path, plain_message(e))
+
+
+_TILES: dict[str, tuple[str, dict]] = {}  # thumbnail key of a tile hit → (scene path, tile record)
+
+
+def thumb_key(hit) -> str:
+    """The thumbnail key of a search hit: its image path, or for a tile-index hit a key naming
+    the scene and the tile's box (the thumbnail is that window, never the whole scene)."""
+    tile = getattr(hit, "tile", None)
+    if not tile:
+        return hit.path
+    key = f"{hit.path}#tile={','.join(str(int(v)) for v in tile['box'])}"
+    _TILES[key] = (hit.path, tile)
+    return key
+
+
+def load_thumb(key: str, side: int) -> Image.Image:
+    """What a thumbnail key shows (see :func:`thumb_key`), at most ``side`` px. For workers."""
+    if key in _TILES:
+        from ..localize.tiles import read_tile
+
+        path, tile = _TILES[key]
+        return read_tile(path, tile, side)
+    return load_preview(key, side)
+
+
+def load_hit_image(hit, side: Optional[int] = None) -> Image.Image:
+    """The pixels of a hit: its image file, or its tile's window of the scene. ``side``: a
+    preview of at most that many pixels. For workers."""
+    tile = getattr(hit, "tile", None)
+    if tile:
+        from ..localize.tiles import read_tile
+
+        return read_tile(hit.path, tile, side)
+    if side is not None:
+        return load_preview(hit.path, side)
+    from ..data import load_image
+
+    return load_image(hit.path)
 
 
 def load_preview(path, side: int) -> Image.Image:

@@ -87,6 +87,33 @@ def tile_georef(tile: dict, name: str = "tile") -> Georef:
     return Georef(crs, Affine(*tile["transform"][:6]), (0, 0), name)
 
 
+def read_tile(path, tile: dict, side: Optional[int] = None):
+    """One tile of a tile index as an RGB PIL image, read through the raster layer (a window
+    of the scene, never the whole scene), with the stretch stored at indexing; ``side``: a
+    preview of at most that many pixels (the reader takes an overview when it has one)."""
+    from PIL import Image
+
+    x, y, w, h = (int(v) for v in tile["box"])
+    out = None if side is None else (min(w, int(side)), min(h, int(side)))
+    with open_raster(path, stretch=tile.get("stretch")) as r:
+        return Image.fromarray(r.read_region(x, y, w, h, out_size=out), "RGB")
+
+
+def tile_caption(tile: dict) -> str:
+    """Where a tile is, in one short line: its pixel box and, when known, its centre in lon/lat."""
+    x, y, w, h = (int(v) for v in tile["box"])
+    text = f"px {x:,},{y:,} ({w} px)"
+    lb = tile.get("lonlat_bounds")
+    if lb:
+        lon, lat = (lb[0] + lb[2]) / 2, (lb[1] + lb[3]) / 2
+        text += f" · {abs(lat):.5f}°{'N' if lat >= 0 else 'S'} {abs(lon):.5f}°{'E' if lon >= 0 else 'W'}"
+    elif tile.get("crs_label"):
+        b = tile.get("bounds")
+        if b:
+            text += f" · {tile['crs_label']} {(b[0] + b[2]) / 2:,.1f}, {(b[1] + b[3]) / 2:,.1f}"
+    return text
+
+
 def tile_feature(tile: dict, props: dict, crs: str = "wgs84") -> dict:
     """A GeoJSON Feature of a tile's footprint (lon/lat, or the scene's CRS)."""
     g = tile_georef(tile, props.get("id", "tile"))
