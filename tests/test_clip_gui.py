@@ -66,6 +66,8 @@ def test_drop_a_clip_checkpoint_query_explain_compare(qtbot, tmp_path, gallery, 
     panel = w.details.panel
     methods = [panel.method.itemData(i) for i in range(panel.method.count())]
     assert {"chefer", "maskclip", "surgery", "rollout"} <= set(methods), methods
+    names = {panel.method.itemData(i): panel.method.itemText(i) for i in range(panel.method.count())}
+    assert names["maskclip"] == "Dense patch–text similarity (MaskCLIP)" and names["chefer"].endswith("(Chefer)")
     panel.method.setCurrentIndex(methods.index("chefer"))
     qtbot.keyClick(w, Qt.Key_E, Qt.ControlModifier)
     qtbot.waitUntil(lambda: w.details.expl is not None or "Could not" in panel.status.text(), timeout=WAIT)

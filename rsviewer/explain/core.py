@@ -25,6 +25,13 @@ from ..data import load_image
 from ..errors import NotAvailable, QueryError
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "rollout", "chefer", "maskclip", "surgery", "attention", "patch", "tokens", "words")
+# what each method is called where people read it (the explain panel, reports)
+METHOD_LABELS = {
+    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM", "rollout": "Attention rollout",
+    "chefer": "Gradient-weighted attention (Chefer)", "maskclip": "Dense patch–text similarity (MaskCLIP)",
+    "surgery": "CLIP Surgery (MaskCLIP, corrected)", "attention": "Attention", "patch": "Patch similarity",
+    "tokens": "Semantic tokens", "words": "Word attention",
+}
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
 HEATMAP_METHODS = tuple(m for m in METHODS if m != "words")
 

@@ -16,10 +16,7 @@ from . import theme
 from .util import COLORMAPS, blend, rgb_to_qimage
 
 DISPLAY = 768  # longest side of the image kept for display/overlays
-METHOD_NAMES = {
-    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM", "rollout": "Attention rollout",
-    "attention": "Attention", "patch": "Patch similarity", "tokens": "Semantic tokens", "words": "Word attention",
-}
+
 GRADCAM_FAMILY = ("gradcam", "gradcam++", "scorecam")
 
 
@@ -244,7 +241,11 @@ class ExplainPanel(QGroupBox):
 
 
 def METHODS_LABEL(m: str) -> str:  # noqa: N802
-    return METHOD_NAMES.get(m, m)
+    """The engine's name for a method (``explain.core.METHOD_LABELS``), read once the engine is loaded."""
+    import sys
+
+    core = sys.modules.get("rsviewer.explain.core")
+    return getattr(core, "METHOD_LABELS", {}).get(m, m)
 
 
 class DetailsPanel(QWidget):
