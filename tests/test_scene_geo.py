@@ -141,5 +141,24 @@ def test_tile_index_gallery_shows_tiles_and_double_click_opens_the_scene(qtbot, 
     qtbot.waitUntil(lambda: win.details.image_rgb is not None, timeout=WAIT)
     assert win.details.image_rgb.shape[0] <= max(w, h)
     win.grab().save(str(tmp_path / "scene.png"))
+
+    # the embedding map of the tile index: its image points are tiles; the hover card shows the
+    # tile (not the scene) and a click opens the Scene view at that tile
+    from rsviewer.gui.util import item_thumb_key
+
+    win.tabs.setCurrentWidget(win.map)
+    win.map.compute("pca")
+    qtbot.waitUntil(lambda: win.map.proj is not None or not win.jobs.busy("map"), timeout=WAIT)
+    proj = win.map.proj
+    assert proj is not None
+    i = next(j for j in range(len(proj.row)) if int(proj.kind[j]) == 0)
+    item = win.index.items[int(proj.row[i])]
+    assert item["tile"] and "#tile=" in item_thumb_key(item)
+    win.map._fill_card(i)
+    assert "open the scene here" in win.map.card.text.text()
+    win.map.activate_point(i)
+    assert win.tabs.currentWidget() is sv
+    qtbot.waitUntil(lambda: sv.scene_path is not None and sv.scene_path.resolve() == Path(item["path"]).resolve(),
+                    timeout=WAIT)
     win.jobs.cancel()
     win.jobs.wait_all(10_000)

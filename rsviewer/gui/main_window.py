@@ -108,6 +108,7 @@ class MainWindow(QMainWindow):
         self.results.filter_cleared.connect(self._filter_cleared)
         self.compare.activated.connect(self._activate_hit)
         self.map.query_image.connect(self.run_image)
+        self.map.open_tile.connect(self.open_tile)
         self.map.query_text.connect(self._map_text)
         self.map.selection_changed.connect(self._map_selection)
         self.tabs.currentChanged.connect(self._tab_changed)
@@ -428,8 +429,12 @@ class MainWindow(QMainWindow):
         self.session.select(hit)
         tile = getattr(hit, "tile", None)
         if tile:  # a tile of a scene index: open the scene there, centred on the hit
-            self.tabs.setCurrentWidget(self.scene)
-            self.scene.open_scene(hit.path, box=tile["box"])
+            self.open_tile(hit.path, tile["box"])
+
+    def open_tile(self, path: str, box) -> None:
+        """The Scene view on ``path``, centred on ``box`` (x, y, w, h scene px)."""
+        self.tabs.setCurrentWidget(self.scene)
+        self.scene.open_scene(path, box=box)
 
     # ------------------------------------------------------------------ map selection
     def _map_selection(self, rows, desc: str) -> None:

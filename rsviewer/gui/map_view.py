@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFrame, QHBoxLayout, QLab
 
 from ..project import IMAGE, available_methods, write_csv
 from . import theme
-from .util import thumbs
+from .util import item_thumb_key, thumbs
 
 METHOD_LABELS = {"opentsne": "t-SNE (openTSNE)", "tsne": "t-SNE (scikit-learn)", "umap": "UMAP", "pca": "PCA"}
 HOVER_PX = 9
@@ -229,6 +229,7 @@ class HoverCard(QFrame):
 class MapWidget(QWidget):
     query_image = Signal(str)  # click on an image point
     query_text = Signal(str)  # click on a caption point
+    open_tile = Signal(str, object)  # click on a tile of a tile index: (scene path, box)
     selection_changed = Signal(object, str)  # set of image rows (empty: nothing inside; None: cleared), description
     status = Signal(str, bool)  # (one line, is it an error) for the window's status bar
 
@@ -460,13 +461,14 @@ class MapWidget(QWidget):
         lab = self.point_label[i] or "no label"
         if k == IMAGE:
             it = index.items[r]
-            pm = thumbs().get(it["path"])
+            pm = thumbs().get(item_thumb_key(it))
             if pm is not None:
                 self.card.pic.setPixmap(pm.scaled(150, 150, Qt.KeepAspectRatio, Qt.SmoothTransformation))
             else:
                 self.card.pic.setText("loading…")
             self.card.pic.setVisible(True)
-            self.card.text.setText(f"<b>{it['id']}</b> · {lab}<br><small>click to search with this image</small>")
+            act = "open the scene here" if it.get("tile") else "search with this image"
+            self.card.text.setText(f"<b>{it['id']}</b> · {lab}<br><small>click to {act}</small>")
         else:
             cap = index.captions[r]
             self.card.pic.setVisible(False)
@@ -475,7 +477,7 @@ class MapWidget(QWidget):
     def _thumb_ready(self, path: str) -> None:
         i = self._hover_point
         if i is not None and self.proj is not None and self.card.isVisible() and int(self.proj.kind[i]) == IMAGE:
-            if self.index.items[int(self.proj.row[i])]["path"] == path:
+            if item_thumb_key(self.index.items[int(self.proj.row[i])]) == path:
                 self._fill_card(i)
                 self.card.adjustSize()
 
@@ -489,7 +491,11 @@ class MapWidget(QWidget):
     def activate_point(self, i: int) -> None:
         k, r = int(self.proj.kind[i]), int(self.proj.row[i])
         if k == IMAGE:
-            self.query_image.emit(self.index.items[r]["path"])
+            it = self.index.items[r]
+            if it.get("tile"):  # a window of a big scene: show it in place, not the whole scene as a query
+                self.open_tile.emit(it["path"], it["tile"]["box"])
+            else:
+                self.query_image.emit(it["path"])
         else:
             self.query_text.emit(self.index.captions[r])
 

@@ -119,11 +119,19 @@ _TILES: dict[str, tuple[str, dict]] = {}  # thumbnail key of a tile hit → (sce
 def thumb_key(hit) -> str:
     """The thumbnail key of a search hit: its image path, or for a tile-index hit a key naming
     the scene and the tile's box (the thumbnail is that window, never the whole scene)."""
-    tile = getattr(hit, "tile", None)
+    return tile_thumb_key(hit.path, getattr(hit, "tile", None))
+
+
+def item_thumb_key(item: dict) -> str:
+    """The same for an index item (the embedding map's points)."""
+    return tile_thumb_key(item["path"], item.get("tile"))
+
+
+def tile_thumb_key(path: str, tile: Optional[dict]) -> str:
     if not tile:
-        return hit.path
-    key = f"{hit.path}#tile={','.join(str(int(v)) for v in tile['box'])}"
-    _TILES[key] = (hit.path, tile)
+        return path
+    key = f"{path}#tile={','.join(str(int(v)) for v in tile['box'])}"
+    _TILES[key] = (path, tile)
     return key
 
 
