@@ -57,6 +57,17 @@ def test_drop_a_clip_checkpoint_query_explain_compare(qtbot, tmp_path, gallery, 
                              and len(w.index) == 21) or bool(w.last_error), timeout=WAIT)
     assert w.model.arch == "clip", w.last_error
     assert "RemoteCLIP-tiny" in w.model_label.text()
+    # the foreign model's index of this gallery is kept on disk: a later session reopens it
+    # without encoding a single image
+    from rsviewer.gui import state
+    from rsviewer.retrieval.index import is_index
+
+    assert is_index(state.index_cache_dir(w.model, gallery))
+    with state._lock:
+        state._indexes.clear()  # forget the in-memory copy, as a new session would
+    msgs: list[str] = []
+    again = state.open_gallery(str(gallery), w.model, progress=lambda d, t, m="": msgs.append(m))
+    assert len(again) == 21 and not any("encod" in m for m in msgs), msgs
     w.run_text("two tennis courts")  # the session owns last_result: wait for this query's result
     qtbot.waitUntil(lambda: (w.last_result is not None and w.last_result.query == "two tennis courts")
                     or bool(w.last_error), timeout=WAIT)
