@@ -69,12 +69,14 @@ def run(args) -> int:
 
     model = load(args)
     model_b = _load_b(args) if args.compare else None
-    _warn_if_seen(args.split, [m for m in (model, model_b) if m is not None])
     if not args.per_query and model_b is None:
         res = evaluate(model, ds, args.split, args.rerank, progress=progress_bar(args), batch_size=args.batch_size)
         emit(args, res, _lines(res, ds.name, args.split, args.rerank))
-        return 0
-    return _run_per_query(args, ds, model, model_b)
+        rc = 0
+    else:
+        rc = _run_per_query(args, ds, model, model_b)
+    _warn_if_seen(args.split, [m for m in (model, model_b) if m is not None])  # after the figures it qualifies
+    return rc
 
 
 def _warn_if_seen(split: str, models) -> None:
