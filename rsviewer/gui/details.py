@@ -16,7 +16,6 @@ from . import theme
 from .util import COLORMAPS, blend, rgb_to_qimage
 
 DISPLAY = 768  # longest side of the image kept for display/overlays
-
 GRADCAM_FAMILY = ("gradcam", "gradcam++", "scorecam")
 
 
@@ -241,11 +240,11 @@ class ExplainPanel(QGroupBox):
 
 
 def METHODS_LABEL(m: str) -> str:  # noqa: N802
-    """The engine's name for a method (``explain.core.METHOD_LABELS``), read once the engine is loaded."""
-    import sys
+    """The engine's name for a method. Only called once the explain engine has loaded (a
+    method list comes from it), so this import costs nothing at start-up."""
+    from ..explain.core import METHOD_LABELS
 
-    core = sys.modules.get("rsviewer.explain.core")
-    return getattr(core, "METHOD_LABELS", {}).get(m, m)
+    return METHOD_LABELS.get(m, m)
 
 
 class DetailsPanel(QWidget):

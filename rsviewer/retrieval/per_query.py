@@ -37,6 +37,7 @@ ground truth higher, "A wins").
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,8 +181,6 @@ def score_index(
 def trained_splits(model) -> set[str]:
     """The dataset splits a model's training saw, from its ``metrics.json`` (``train_split``,
     e.g. ``train+val`` for a model retrained after cross-validation). Empty when unknown."""
-    import json
-
     folder = getattr(model, "model_dir", None)
     try:
         meta = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8")) if folder else {}
@@ -429,8 +428,6 @@ def write_table(table: dict[str, list], path: str | os.PathLike, meta: Optional[
     _guard(path)
     cols = list(table)
     if suffix == ".parquet":
-        import json
-
         import pyarrow as pa
         import pyarrow.parquet as pq
 
