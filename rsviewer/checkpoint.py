@@ -299,6 +299,9 @@ def _load_rsviewer(folder: Path, device: str | torch.device = "cpu") -> Retrieva
 
     cfg = read_config(folder)
     model = build_from_config(cfg)
+    # fine-tuned parts of the bases as trained (end-to-end training adds whole towers); the
+    # constructor derives the same list for models trained on cached features
+    model.finetuned = list(dict.fromkeys(list(model.finetuned) + list(cfg.get("finetuned") or [])))
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except FileNotFoundError:

@@ -51,6 +51,21 @@ def register(sub) -> None:
                    help="with --cv-only: run only these folds (e.g. 1,5,9; split a CV over several runs); "
                         "the report says which folds it covers")
     p.add_argument("--fold-seed", type=int, default=0, help="with --cv --folds random: seed of the fold assignment")
+    e2e = p.add_argument_group("end-to-end training (the pretrained towers learn too; GPUs, or slowly on CPU)")
+    e2e.add_argument("--end-to-end", action="store_true",
+                     help="fine-tune the image backbone and text encoder on augmented pixels each step instead of "
+                          "training heads on cached features; under torchrun: DistributedDataParallel")
+    e2e.add_argument("--image-from", choices=("all", "s8", "s16", "none"), default=None,
+                     help="backbone layers trained: all (default), after the stride-8/16 map, or none")
+    e2e.add_argument("--text-from", default=None, metavar="all|N|none",
+                     help="text encoder layers trained: all (default, embeddings too), layers N.., or none")
+    e2e.add_argument("--image-lr-scale", type=nonneg_float, default=None, help="lr multiplier of the backbone (default 0.1)")
+    e2e.add_argument("--text-lr-scale", type=nonneg_float, default=None, help="lr multiplier of the text encoder (default 0.1)")
+    e2e.add_argument("--accum", type=positive_int, default=None, help="micro-batches per optimizer step (gradient accumulation)")
+    e2e.add_argument("--augment", default=None, help="crop,dihedral,jitter (default all three) or none")
+    e2e.add_argument("--ram-gb", type=nonneg_float, default=None,
+                     help="hold decoded training images in memory up to this size (default 4); beyond it, DataLoader workers decode")
+    e2e.add_argument("--workers", type=int, default=None, help="decoding threads / DataLoader workers (default 2)")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -103,7 +118,14 @@ def _run_cv(args, defaults: dict, model_cfg: dict, command: str) -> int:
 
 def run(args) -> int:
     # before feature caching and training (minutes): --resume continues in a folder rsviewer wrote
+    # (under torchrun every rank checks, read-only; rank 0 claims the folder in the trainer)
     check_out_dir(args, args.out, [args.data, args.images], force=args.force or args.resume, kind="model")
+    e2e_only = [f"--{k.replace('_', '-')}" for k in ("image_from", "text_from", "image_lr_scale", "text_lr_scale",
+                                                     "accum", "augment", "ram_gb", "workers") if getattr(args, k) is not None]
+    if e2e_only and not args.end_to_end:
+        raise RsviewerError(f"{' '.join(e2e_only)} apply to --end-to-end training")
+    if args.end_to_end and args.cv:
+        raise RsviewerError("--cv runs on cached features; choose the epochs of an end-to-end recipe with a val split")
     from ..data import load_dataset
 
     load_dataset(args.data, images=args.images)  # a bad dataset fails in a second, not after the imports
@@ -112,7 +134,8 @@ def run(args) -> int:
 
     cls = arch_class(args.arch)
     defaults = dict(getattr(cls, "train_defaults", {}))
-    for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed", "ema", "eval_every"):
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "views", "seed", "ema", "eval_every", "image_from",
+                "text_from", "image_lr_scale", "text_lr_scale", "accum", "augment", "ram_gb", "workers"):
         v = getattr(args, key)
         if v is not None:
             defaults[key] = v
@@ -120,6 +143,7 @@ def run(args) -> int:
         if getattr(args, key) is not None:
             defaults[key] = getattr(args, key)
     defaults["snapshots"] = args.snapshots
+    defaults["end_to_end"] = args.end_to_end or bool(defaults.get("end_to_end"))
     defaults["device"] = args.device
     defaults["cache"] = not args.no_cache
     defaults["max_train_images"] = args.max_train_images
@@ -136,6 +160,10 @@ def run(args) -> int:
         config=TrainConfig.from_dict(defaults), resume=args.resume, overwrite=args.force,
         progress=progress_bar(args), log=(lambda m: None) if args.quiet else None, command=command,
     )
+    from ..train.distributed import env_info
+
+    if not env_info().main:  # torchrun: rank 0 speaks for the run
+        return 0
     summary = {"out": str(res.out), "best_epoch": res.best_epoch, "val": res.val, "seconds": round(res.seconds, 1)}
     emit(args, summary, f"saved {res.out} (best val mR {res.val.get('mR', float('nan')):.2f} at epoch {res.best_epoch})")
     return 0

@@ -43,6 +43,7 @@ from ..utils.atomic import atomic_file, claim_output_dir
 from ..utils.device import autocast, pick_device
 from ..utils.progress import CancelToken, ProgressFn, check, report
 from .cache import dihedral, gather, image_feature_cache, text_feature_cache
+from .distributed import DistInfo, barrier, setup, teardown
 
 STATE = "train_state.pt"
 
@@ -71,11 +72,29 @@ class TrainConfig:
     # without a val split: also save the model after every epoch to OUT.epochs/eNN (the
     # final run of a CV can then start before the CV has chosen its epoch)
     snapshots: bool = False
+    # end-to-end training (train/end_to_end.py): the pretrained towers learn too, on
+    # augmented pixels each step, instead of cached frozen features
+    end_to_end: bool = False
+    image_from: str = "all"  # backbone layers trained: all | s8 | s16 (the layers after it) | none
+    text_from: str = "all"  # text encoder: all | N (layers N..) | none
+    image_lr_scale: float = 0.1  # learning-rate multipliers of the fine-tuned pretrained towers
+    text_lr_scale: float = 0.1
+    accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    augment: str = "crop,dihedral,jitter"
+    ram_gb: float = 4.0  # decoded training images are held in memory up to this size
+    workers: int = 2  # image decoding threads / DataLoader workers
 
     def __post_init__(self) -> None:
         """Absurd values are one line here, not a crash after minutes of feature caching."""
-        bad = [f"{k} must be at least 1, got {getattr(self, k)!r}" for k in ("epochs", "batch_size", "eval_every")
+        bad = [f"{k} must be at least 1, got {getattr(self, k)!r}" for k in ("epochs", "batch_size", "eval_every", "accum")
                if getattr(self, k) < 1]
+        for k in ("image_lr_scale", "text_lr_scale", "ram_gb", "workers"):
+            if getattr(self, k) < 0:
+                bad.append(f"{k} must be at least 0, got {getattr(self, k)!r}")
+        if self.image_from not in ("all", "none", "s8", "s16"):
+            bad.append(f"image_from must be all, s8, s16 or none, got {self.image_from!r}")
+        if self.text_from not in ("all", "none") and not str(self.text_from).isdigit():
+            bad.append(f"text_from must be all, none or a layer number, got {self.text_from!r}")
         if not 1 <= self.views <= 8:
             bad.append(f"views must be between 1 and 8, got {self.views!r}")
         for k in ("max_train_images", "max_val_images"):
@@ -89,6 +108,9 @@ class TrainConfig:
             bad.append(f"stop_epoch must be between 1 and epochs, got {self.stop_epoch!r}")
         if bad:
             raise RsviewerError("train config: " + "; ".join(bad))
+        from .pipeline import parse_augment
+
+        parse_augment(self.augment)  # one line for an unknown augmentation
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -262,10 +284,12 @@ def split_text_features(model, split: _Split, groups: dict[str, list[int]], devi
     return out
 
 
-def make_optimizer(model: RetrievalModel, cfg: TrainConfig, steps_per_epoch: int):
-    """AdamW with one group per (lr multiplier, decay or not), warm-up + cosine over ``epochs``."""
+def make_optimizer(model: RetrievalModel, cfg: TrainConfig, steps_per_epoch: int, extra_scales: Optional[dict] = None):
+    """AdamW with one group per (lr multiplier, decay or not), warm-up + cosine over ``epochs``.
+    ``extra_scales`` (prefix → multiplier, e.g. the towers of end-to-end training) win over
+    the architecture's own."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scales = model.lr_scales()
+    scales = {**(extra_scales or {}), **{k: v for k, v in model.lr_scales().items() if k not in (extra_scales or {})}}
     groups: dict[tuple[float, bool], list] = {}
     for n, p in named:
         mult = next((v for k, v in scales.items() if n.startswith(k)), 1.0)
@@ -322,6 +346,36 @@ def train_epoch(model, tr: _Split, cfg: TrainConfig, opt, sched, params, ema, rn
     return float(np.mean(losses))
 
 
+class CachedRunner:
+    """Epochs and validation on cached frozen features (the CPU path)."""
+
+    def __init__(self, model, tr: _Split, va: Optional[_Split], cfg: TrainConfig, device, progress=None, cancel=None,
+                 log=print, start_epoch: int = 0):
+        self.model, self.tr, self.va, self.cfg, self.device = model, tr, va, cfg, device
+        self.progress, self.cancel = progress, cancel
+        self.views = cfg.views
+        log(f"caching frozen features: {len(tr.ds)} train images × {self.views} views" + (f", {len(va.ds)} val images" if va else ""))
+        cache_split(model, tr, self.views, device, progress, cancel, cfg.cache)
+        if va is not None:
+            cache_split(model, va, 1, device, progress, cancel, cfg.cache)
+        self.steps_per_epoch = max(1, len(tr.ds) // min(cfg.batch_size, len(tr.ds)))
+        self.rng = np.random.default_rng(cfg.seed + start_epoch)
+        if start_epoch:
+            torch.manual_seed(cfg.seed + start_epoch)
+        self.images_per_second: Optional[float] = None
+
+    def train_epoch(self, epoch: int, opt, sched, params, ema, total: int) -> float:
+        t0 = time.time()
+        loss = train_epoch(self.model, self.tr, self.cfg, opt, sched, params, ema, self.rng, epoch, self.steps_per_epoch,
+                           total, self.views, self.device, self.progress, self.cancel)
+        bs = min(self.cfg.batch_size, len(self.tr.ds))
+        self.images_per_second = self.steps_per_epoch * bs / max(1e-9, time.time() - t0)
+        return loss
+
+    def evaluate(self) -> dict:
+        return evaluate_cached(self.model, self.va, self.device)
+
+
 def train(
     arch: str,
     data: str | os.PathLike,
@@ -341,120 +395,161 @@ def train(
     (or, without a val split, the model after ``stop_epoch``/``epochs``).
 
     ``out`` must be absent or empty, or a model folder rsviewer wrote (with ``overwrite``,
-    or ``resume``); it is checked and claimed before any work."""
+    or ``resume``); it is checked and claimed before any work. Under torchrun the
+    processes train one model data-parallel (train/distributed.py); only rank 0 writes."""
     if config is None:  # the architecture's recipe, as the CLI uses it
         from ..archs.registry import arch_class
 
         config = TrainConfig.from_dict(dict(getattr(arch_class(arch), "train_defaults", {})))
-    cfg = config
+    info, device = setup(pick_device(config.device))
+    try:
+        return _train(arch, data, Path(out), images, model_config, config, resume, progress, cancel, log, command,
+                      overwrite, extra_metrics, info, device)
+    finally:
+        teardown(info)
+
+
+def _open_model(arch: str, out: Path, resume: bool, model_config: Optional[dict], tr: _Split, train_ds: Dataset):
+    """(model, resumable state or None): a fresh model, or the one being resumed with the
+    weights of its last epoch."""
+    if not resume:
+        model = create_model(arch, **(model_config or {}))
+        model.prepare_training(tr.captions, [it.label for it in train_ds.items])
+        return model, None
+    if not (out / STATE).exists():
+        raise RsviewerError(f"nothing to resume: {out / STATE} does not exist")
+    model = load_model(out, device="cpu", expect_arch=arch) if (out / "config.json").exists() else None
+    state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+    if model is None or state.get("arch") != arch:
+        raise RsviewerError(f"{out} holds a training state of another architecture")
+    if state.get("model_state"):
+        model.load_state_dict(state["model_state"], strict=False)  # last epoch, not best
+    return model, state
+
+
+def _train(arch, data, out: Path, images, model_config, cfg: TrainConfig, resume, progress, cancel, log, command,
+           overwrite, extra_metrics, info: DistInfo, device) -> TrainResult:
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = Path(out)
+    if not info.main:  # one voice: rank 0 logs, reports progress and writes
+        log, progress = (lambda msg: None), None
+    if info.active and not cfg.end_to_end:
+        raise RsviewerError("several processes train end to end only (--end-to-end); the cached-feature path is one process")
     t_start = time.time()
     _seed_all(cfg.seed)
-    device = pick_device(cfg.device)
 
     full = load_dataset(data, images=images)
     train_ds, val_ds = load_splits(full, cfg)
-    claim_output_dir(out, "model", overwrite=overwrite or resume, inputs=[data, images, full.images_dir],
-                     label="output model folder")
     label_names = sorted({it.label for it in train_ds.items if it.label})
     tr = _Split(train_ds, label_names)
     va = _Split(val_ds, label_names) if val_ds is not None else None
 
-    state = None
-    if resume:
-        if not (out / STATE).exists():
-            raise RsviewerError(f"nothing to resume: {out / STATE} does not exist")
-        model = load_model(out, device="cpu", expect_arch=arch) if (out / "config.json").exists() else None
-        state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        if model is None or state.get("arch") != arch:
-            raise RsviewerError(f"{out} holds a training state of another architecture")
-        if state.get("model_state"):
-            model.load_state_dict(state["model_state"], strict=False)  # last epoch, not best
-        model_config = state["model_config"]
-    else:
-        model = create_model(arch, **(model_config or {}))
-        model.prepare_training(tr.captions, [it.label for it in train_ds.items])
+    model, state = _open_model(arch, out, resume, model_config, tr, train_ds)
+    if cfg.end_to_end:
+        try:
+            model.tune_end_to_end(cfg.image_from, cfg.text_from)
+        except ValueError as e:
+            raise RsviewerError(f"{arch}: {e}") from None
+    elif not model.cache_features:
+        raise RsviewerError(f"{arch} trains its towers: use --end-to-end")
+    if info.main:  # checked by the CLI already; claimed once the model and its settings are known to be good
+        claim_output_dir(out, "model", overwrite=overwrite or resume, inputs=[data, images, full.images_dir],
+                         label="output model folder")
+    barrier(info)
     model.freeze_bases()
     model.to(device)
+    start_epoch = state["epoch"] + 1 if state is not None else 0
 
-    views = cfg.views if model.cache_features else 1
-    if not model.cache_features:
-        raise RsviewerError(f"{arch}: end-to-end training without feature caching needs a GPU run; see docs")
-    log(f"caching frozen features: {len(tr.ds)} train images × {views} views" + (f", {len(va.ds)} val images" if va else ""))
-    cache_split(model, tr, views, device, progress, cancel, cfg.cache)
-    if va is not None:
-        cache_split(model, va, 1, device, progress, cancel, cfg.cache)
+    if cfg.end_to_end:
+        from .end_to_end import EndToEndRunner, tower_lr_scales
 
-    steps_per_epoch = max(1, len(tr.ds) // min(cfg.batch_size, len(tr.ds)))
-    opt, sched, params, total = make_optimizer(model, cfg, steps_per_epoch)
+        runner = EndToEndRunner(model, tr, va, cfg, device, info, progress, cancel, log)
+        scales = tower_lr_scales(model, cfg)
+    else:
+        runner = CachedRunner(model, tr, va, cfg, device, progress, cancel, log, start_epoch)
+        scales = {}
+    opt, sched, params, total = make_optimizer(model, cfg, runner.steps_per_epoch, scales)
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
     history: list[dict] = []
     best = {"mR": -1.0, "epoch": -1, "val": {}}
-    start_epoch = 0
-    rng = np.random.default_rng(cfg.seed)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        history, best = state["history"], state["best"]
         t_start -= float(state.get("wall_seconds", 0.0))  # wall time counts the earlier part too
-        rng = np.random.default_rng(cfg.seed + start_epoch)
-        torch.manual_seed(cfg.seed + start_epoch)
         log(f"resuming at epoch {start_epoch + 1}/{cfg.epochs}" + (f" (best val mR so far {best['mR']:.2f})" if va else ""))
 
     ema = _Ema(model, cfg.ema) if cfg.ema > 0 else None
     if ema is not None and state is not None and state.get("ema"):
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+    run = dict(full=full, cfg=cfg, model=model, t_start=t_start, device=device, command=command, data=data,
+               images=images, extra=extra_metrics, n_train=len(tr.ds), world=info.world)
 
     for epoch in range(start_epoch, last_epoch):
         t_ep = time.time()
-        loss = train_epoch(model, tr, cfg, opt, sched, params, ema, rng, epoch, steps_per_epoch, total, views, device, progress, cancel)
-        row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.time() - t_ep, 2)}
-        if va is None and cfg.snapshots:
-            with _swapped(model, ema):
-                save_model(model.cpu(), out.parent / f"{out.name}.epochs" / f"e{epoch + 1:02d}", metrics=None, overwrite=True)
-                model.to(device)
-        if va is None:  # no selection split: the model after the last epoch is the one
-            if epoch + 1 == last_epoch:
-                with _swapped(model, ema):
-                    save_model(model.cpu(), out, metrics=None, overwrite=True)  # our own folder (claimed above)
-                    model.to(device)
-                best = {"mR": float("nan"), "epoch": epoch + 1, "val": {}}
-        elif (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == last_epoch:
-            with _swapped(model, ema):
-                val = evaluate_cached(model, va, device)
-                row["val_mR"] = round(val["mR"], 3)
-                if val["mR"] > best["mR"]:
-                    best = {"mR": val["mR"], "epoch": epoch + 1, "val": val}
-                    save_model(model.cpu(), out, metrics=None, overwrite=True)  # our own folder (claimed above)
-                    model.to(device)
-        history.append(row)
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f}"
-            + (f" val mR {row['val_mR']:.2f} (best {best['mR']:.2f} @ {best['epoch']})" if "val_mR" in row else "")
-        )
-        # resumable state: last-epoch weights + optimizer, scheduler, history
-        with atomic_file(out / STATE) as fh:
-            torch.save(
-                {
-                    "arch": arch,
-                    "model_config": model.cfg.to_dict(),
-                    "model_state": {k: v.cpu() for k, v in model.trained_state_dict().items()},
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "history": history,
-                    "best": best,
-                    "epoch": epoch,
-                    "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema is not None else None,
-                    "wall_seconds": time.time() - t_start,
-                },
-                fh,
+        loss = runner.train_epoch(epoch, opt, sched, params, ema, total)
+        row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.time() - t_ep, 2),
+               "images_per_second": round(runner.images_per_second or 0.0, 2)}
+        if info.main:
+            best = _end_of_epoch(model, runner, va, cfg, ema, out, epoch, last_epoch, row, best, device)
+            history.append(row)
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f}"
+                + (f" val mR {row['val_mR']:.2f} (best {best['mR']:.2f} @ {best['epoch']})" if "val_mR" in row else "")
             )
-        _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=False, extra=extra_metrics, n_train=len(tr.ds))
+            _save_state(out, arch, model, opt, sched, history, best, epoch, ema, t_start)
+            _write_metrics(out, arch, best=best, history=history, final=False, **run)
+        barrier(info)
 
-    _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final=True, extra=extra_metrics, n_train=len(tr.ds))
-    (out / STATE).unlink(missing_ok=True)
+    if info.main:
+        _write_metrics(out, arch, best=best, history=history, final=True, **run)
+        (out / STATE).unlink(missing_ok=True)
+    barrier(info)
     return TrainResult(out, best["epoch"], best["val"], history, time.time() - t_start)
+
+
+def _end_of_epoch(model, runner, va, cfg: TrainConfig, ema, out: Path, epoch: int, last_epoch: int, row: dict,
+                  best: dict, device) -> dict:
+    """Validate (or, without a val split, keep the last epoch) and save the model that is
+    best so far; returns the updated ``best``."""
+    if va is None and cfg.snapshots:
+        with _swapped(model, ema):
+            save_model(model.cpu(), out.parent / f"{out.name}.epochs" / f"e{epoch + 1:02d}", metrics=None, overwrite=True)
+            model.to(device)
+    if va is None:  # no selection split: the model after the last epoch is the one
+        if epoch + 1 == last_epoch:
+            with _swapped(model, ema):
+                save_model(model.cpu(), out, metrics=None, overwrite=True)  # our own folder (claimed above)
+                model.to(device)
+            best = {"mR": float("nan"), "epoch": epoch + 1, "val": {}}
+    elif (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == last_epoch:
+        with _swapped(model, ema):
+            val = runner.evaluate()
+            row["val_mR"] = round(val["mR"], 3)
+            if val["mR"] > best["mR"]:
+                best = {"mR": val["mR"], "epoch": epoch + 1, "val": val}
+                save_model(model.cpu(), out, metrics=None, overwrite=True)  # our own folder (claimed above)
+                model.to(device)
+    return best
+
+
+def _save_state(out: Path, arch: str, model, opt, sched, history, best, epoch: int, ema, t_start: float) -> None:
+    """Resumable state: last-epoch weights + optimizer, scheduler, history (atomic)."""
+    with atomic_file(out / STATE) as fh:
+        torch.save(
+            {
+                "arch": arch,
+                "model_config": model.cfg.to_dict(),
+                "model_state": {k: v.cpu() for k, v in model.trained_state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+                "best": best,
+                "epoch": epoch,
+                "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema is not None else None,
+                "wall_seconds": time.time() - t_start,
+            },
+            fh,
+        )
 
 
 class _Ema:
@@ -495,7 +590,8 @@ class _swapped:
         return False
 
 
-def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final, extra=None, n_train=None):
+def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, command, data, images, final, extra=None,
+                   n_train=None, world=1):
     from ..utils.atomic import write_json
 
     if not (out / "config.json").exists():
@@ -515,6 +611,8 @@ def _write_metrics(out, arch, full, cfg, model, best, history, t_start, device, 
         "device": str(device),
         "device_name": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "processes": world,  # data-parallel ranks (torchrun)
+        "trained": "end to end" if cfg.end_to_end else "heads on cached features",
         "torch": torch.__version__,
         "train_config": asdict(cfg),
         "epochs_run": len(history),
