@@ -188,3 +188,24 @@ def test_cli_end_to_end_flags_are_one_line_errors(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and msg in lines[-1] and "Traceback" not in r.stderr, (argv, r.stderr)
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+@needs_shared()
+@pytest.mark.parametrize("head", ["none", "mlp"])
+def test_a_clip_checkpoint_fine_tunes_end_to_end(head, tmp_path):
+    """RemoteCLIP-style fine-tuning of an OpenAI-layout ViT (tiny, random): both towers
+    learn (without adapters, with CLIP's own temperature), the checkpoint carries them,
+    and the foreign file is still only referenced."""
+    from test_clip import make_ref, save_as
+
+    path = save_as(make_ref("vit").state_dict(), tmp_path / "RemoteCLIP-tiny-ViT.pt", "plain")
+    cfg = TrainConfig(**{**E2E, "max_train_images": 8, "max_val_images": 4}, epochs=2)
+    res = train("clip", UCM_JSON, tmp_path / "ft", config=cfg, model_config={"weights": str(path), "head": head, "hidden": 32},
+                log=lambda m: None)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    before, after = load_model(path), load_model(tmp_path / "ft")
+    for prefix in ("tower.clip.vision_model.embeddings.patch_embedding.weight", "tower.clip.text_model.embeddings.token_embedding.weight"):
+        assert not torch.allclose(before.get_parameter(prefix), after.get_parameter(prefix)), prefix
+    scale = "tower.clip.logit_scale"
+    assert torch.equal(before.get_parameter(scale), after.get_parameter(scale)) == (head != "none")
+    assert read_config(tmp_path / "ft")["config"]["weights"] == str(path.resolve())

@@ -306,23 +306,25 @@ class RetrievalModel(nn.Module):
             self.finetuned += [f"backbone.{p}" for p in self.backbone.prefixes_after(self.image_split)]
         return self.image_split
 
-    def tune_end_to_end(self, image_from: str = "all", text_from: str = "all") -> list[str]:
+    def tune_end_to_end(self, image_from: str = "all", text_from: str = "all") -> dict[str, list[str]]:
         """Make the pretrained towers trainable for end-to-end training (train/end_to_end.py):
         ``image_from`` "all" | a backbone tap ("s8", "s16": the layers after it) | "none";
         ``text_from`` "all" (embeddings too) | a layer number N (layers N.. of the encoder) |
         "none". The prefixes join ``finetuned`` (saved in config.json, so the checkpoint
-        carries the tuned tower weights); returns the prefixes added."""
-        added: list[str] = []
+        carries the tuned tower weights); returns them by side (``{"image": [...], "text":
+        [...]}``, the trainer gives each side its learning-rate multiplier)."""
+        image: list[str] = []
+        text: list[str] = []
         if "backbone" in self.bases and image_from not in ("none", ""):
             if image_from == "all":
-                added.append("backbone.")
+                image.append("backbone.")
             elif hasattr(self.backbone, "prefixes_after"):
-                added += [f"backbone.{p}" for p in self.backbone.prefixes_after(image_from)]
+                image += [f"backbone.{p}" for p in self.backbone.prefixes_after(image_from)]
             else:
                 raise ValueError(f"{self.cfg.image_backbone} cannot be fine-tuned from {image_from!r}; use all or none")
         if "text" in self.bases and text_from not in ("none", ""):
             if text_from == "all":
-                added.append("text.")
+                text.append("text.")
             else:
                 n = self.text.num_layers
                 try:
@@ -331,9 +333,9 @@ class RetrievalModel(nn.Module):
                     raise ValueError(f"text_from must be all, none or a layer number 0..{n - 1}, got {text_from!r}") from None
                 if not 0 <= first < n:
                     raise ValueError(f"text_from must be a layer number 0..{n - 1}, got {first}")
-                added += [f"text.bert.encoder.layer.{i}." for i in range(first, n)]
-        self.finetuned = list(dict.fromkeys(self.finetuned + added))
-        return added
+                text += [f"text.bert.encoder.layer.{i}." for i in range(first, n)]
+        self.finetuned = list(dict.fromkeys(self.finetuned + image + text))
+        return {"image": image, "text": text}
 
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers by parameter-name prefix (e.g. a fine-tuned backbone

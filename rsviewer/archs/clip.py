@@ -221,13 +221,50 @@ class Clip(RetrievalModel):
         x = l2n(feats["pooled"].float())
         return l2n(x + self.text_adapter(x)) if self.cfg.head != "none" else x
 
+    # ---- end-to-end fine-tuning (rsviewer train --arch clip --end-to-end) -----------------------
+    def _tower_parts(self) -> dict[str, list[str]]:
+        """State-dict prefixes of the tower's image side, text side and its logit scale."""
+        t = self.tower
+        if t.kind == "resnet":
+            root, names = "tower", ["visual", "text"]
+        else:
+            root = "tower.clip" if t.kind == "vit" else "tower.model"
+            names = [n for n, _ in self.get_submodule(root).named_children()]
+        owner = self.get_submodule(root)
+        return {
+            "image": [f"{root}.{n}." for n in names if "vision" in n or "visual" in n],
+            "text": [f"{root}.{n}." for n in names if "text" in n],
+            "scale": [f"{root}.logit_scale"] if isinstance(getattr(owner, "logit_scale", None), nn.Parameter) else [],
+        }
+
+    def tune_end_to_end(self, image_from: str = "all", text_from: str = "all") -> dict[str, list[str]]:
+        """Fine-tune the CLIP towers (each side whole, as RemoteCLIP/GeoRSCLIP were trained);
+        without adapters (``head`` none) the tower's own logit scale learns as well."""
+        for side, v in (("image_from", image_from), ("text_from", text_from)):
+            if v not in ("all", "none", ""):
+                raise ValueError(f"a CLIP tower is fine-tuned whole per side: {side} all or none, got {v!r}")
+        parts = self._tower_parts()
+        tuned = {"image": parts["image"] if image_from == "all" else [], "text": parts["text"] if text_from == "all" else []}
+        if (tuned["image"] or tuned["text"]) and self.cfg.head == "none":
+            tuned["scale"] = parts["scale"]  # a scalar: it learns at the full rate
+        self.finetuned = list(dict.fromkeys(self.finetuned + [p for v in tuned.values() for p in v]))
+        return tuned
+
+    def _training_scale(self) -> torch.Tensor:
+        if self.cfg.head != "none":
+            return self.train_logit_scale
+        name = next(iter(self._tower_parts()["scale"]), None)
+        own = self.get_parameter(name) if name else None
+        if own is None or not own.requires_grad:
+            raise ModelError("this clip model has no trained head; train with --set head=linear or head=mlp, "
+                             "or fine-tune its towers with --end-to-end")
+        return own
+
     def training_loss(self, batch):
-        if self.cfg.head == "none":
-            raise ModelError("this clip model has no trained head; train with --set head=linear or head=mlp")
         from ..train.losses import contrastive_loss
 
+        scale = self._training_scale().exp().clamp(max=100.0)
         img, txt = self.image_head(batch["image_feats"]), self.text_head(batch["text_feats"])
-        scale = self.train_logit_scale.exp().clamp(max=100.0)
         return contrastive_loss(img, txt, batch, self.cfg.loss, scale, self.cfg.label_alpha, self.cfg.margin)
 
     # ---- explanations ------------------------------------------------------------------------------

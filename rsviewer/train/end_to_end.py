@@ -51,14 +51,11 @@ class _Step(nn.Module):
         return self.model.training_loss({**meta, "image_feats": img, "text_feats": txt})
 
 
-def tower_lr_scales(model, cfg) -> dict[str, float]:
-    """Learning-rate multipliers of the pretrained towers being fine-tuned."""
-    scales = {}
-    if "backbone" in model.bases and cfg.image_from != "none":
-        scales["backbone."] = cfg.image_lr_scale
-    if "text" in model.bases and cfg.text_from != "none":
-        scales["text."] = cfg.text_lr_scale
-    return scales
+def tower_lr_scales(tuned: dict[str, list[str]], cfg) -> dict[str, float]:
+    """Learning-rate multipliers of the pretrained towers being fine-tuned (``tuned``: what
+    ``model.tune_end_to_end`` made trainable, by side)."""
+    mult = {"image": cfg.image_lr_scale, "text": cfg.text_lr_scale}
+    return {p: mult.get(side, 1.0) for side, prefixes in tuned.items() for p in prefixes}
 
 
 def _step_seed(seed: int, epoch: int, micro: int) -> int:

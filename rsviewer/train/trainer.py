@@ -444,9 +444,10 @@ def _train(arch, data, out: Path, images, model_config, cfg: TrainConfig, resume
     va = _Split(val_ds, label_names) if val_ds is not None else None
 
     model, state = _open_model(arch, out, resume, model_config, tr, train_ds)
+    tuned: dict[str, list[str]] = {}
     if cfg.end_to_end:
         try:
-            model.tune_end_to_end(cfg.image_from, cfg.text_from)
+            tuned = model.tune_end_to_end(cfg.image_from, cfg.text_from)
         except ValueError as e:
             raise RsviewerError(f"{arch}: {e}") from None
     elif not model.cache_features:
@@ -463,7 +464,7 @@ def _train(arch, data, out: Path, images, model_config, cfg: TrainConfig, resume
         from .end_to_end import EndToEndRunner, tower_lr_scales
 
         runner = EndToEndRunner(model, tr, va, cfg, device, info, progress, cancel, log)
-        scales = tower_lr_scales(model, cfg)
+        scales = tower_lr_scales(tuned, cfg)
     else:
         runner = CachedRunner(model, tr, va, cfg, device, progress, cancel, log, start_epoch)
         scales = {}
