@@ -7,9 +7,11 @@ A model is split into a **frozen part** and a **trained head**, on both sides:
 
 ``image_features``/``text_features`` must be deterministic functions of frozen
 weights: the trainer caches their output once (per image view / caption) so CPU
-training takes minutes. An architecture that trains its backbone end to end (on a GPU)
-sets ``cache_features = False``; the CPU trainer refuses such an architecture with a
-clear error (end-to-end training is GPU work, not implemented here).
+training takes minutes. End-to-end training (``train --end-to-end``) makes the towers
+trainable (:meth:`RetrievalModel.tune_end_to_end`) and runs the same two functions with
+gradient on every step's pixels and tokens, then the same ``training_loss``. An
+architecture that cannot be cached at all sets ``cache_features = False`` and trains
+end to end only.
 
 Scoring is ``score(image_states, text_states) -> (Ni, Nt)``. For dual encoders the
 states are the embeddings and the score is their dot product. Architectures whose

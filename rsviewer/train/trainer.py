@@ -6,7 +6,9 @@
   checkpoint with the best val mR (model selection on val; the test split is never
   read);
 - frozen backbones: features are cached once (``train/cache.py``), each step runs only
-  the trained heads; otherwise the full forward runs each step;
+  the trained heads (``CachedRunner``); with ``end_to_end`` the towers learn too, on
+  augmented pixels every step (``end_to_end.EndToEndRunner``; many GPUs through torchrun,
+  ``distributed.py``);
 - AdamW, linear warm-up + cosine decay, gradient clipping, fixed seed;
 - optional weight EMA (``--ema 0.98``): val is measured, and the checkpoint saved, with
   the moving average of the trained weights; on small data like UCM this removes most of
