@@ -237,12 +237,16 @@ def test_seen_in_training_reads_the_models_train_split(tmp_path):
     assert seen_in_training(SimpleNamespace(model_dir=None), ["train"]) == []  # unknown: no claim
 
 
-def test_eval_warns_when_the_split_was_trained_on():
+def test_eval_warns_when_the_split_was_trained_on(tmp_path):
     import subprocess
     import sys
 
+    gallery = Path(__file__).resolve().parents[1] / "assets" / "gallery"
+    meta = json.loads((gallery / "gallery.json").read_text())
+    meta["images"] = meta["images"][:12]  # a few val images of the demo gallery are enough
+    (tmp_path / "val12.json").write_text(json.dumps(meta))
     out = subprocess.run([sys.executable, "-m", "rsviewer", "eval", "--model", "default", "--data",
-                          str(Path(__file__).resolve().parents[1] / "assets" / "gallery" / "gallery.json"),
+                          str(tmp_path / "val12.json"), "--images", str(gallery / "images"),
                           "--split", "val", "--json"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "warning: default was trained on train+val: its val figures are not held-out" in out.stderr
