@@ -37,10 +37,40 @@ def big_image(path: Path, side: int) -> Path:
     return path
 
 
+class _StallSampler:
+    """A daemon thread: while the newest heartbeat tick is older than 30 ms, it records the
+    GUI thread's innermost rsviewer/Qt frames (file:line function), one count per 5 ms."""
+
+    def __init__(self, ticks: list, samples: dict):
+        import threading
+
+        self.ticks, self.samples, self.main = ticks, samples, threading.main_thread().ident
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.005)
+            if not self.ticks or time.perf_counter() - self.ticks[-1] < 0.030:
+                continue
+            frame = sys._current_frames().get(self.main)
+            if frame is None:
+                continue
+            stack = []  # innermost first; no source lines read (linecache would hold the GIL)
+            while frame is not None and len(stack) < 40:
+                stack.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+                frame = frame.f_back
+            ours = [f for f in stack if "rsviewer" in f[0]] or stack
+            key = " < ".join(f"{Path(f[0]).name}:{f[1]} {f[2]}" for f in ours[:3])
+            self.samples[key] = self.samples.get(key, 0) + 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--side", type=int, default=7000)
+    ap.add_argument("--profile", action="store_true",
+                    help="while the GUI thread is stalled (> 30 ms without a tick), sample its stack every 5 ms "
+                         "and print the most frequent frames per scenario (where the stall is)")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="rsviewer-stall-"))
     os.environ["RSVIEWER_CONFIG_DIR"] = str(tmp / "config")
@@ -66,14 +96,22 @@ def main(argv=None) -> int:
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
 
-    def measure(action, cond) -> float:
+    samples: dict[str, int] = {}
+    sampler = _StallSampler(ticks, samples) if args.profile else None
+
+    def measure(action, cond, name="") -> float:
         ticks.clear()
+        samples.clear()
         timer.start()
         ticks.append(time.perf_counter())
         action()
         wait(cond)
         ticks.append(time.perf_counter())
         timer.stop()
+        if sampler is not None and samples:
+            print(f"-- {name}: GUI-thread frames while stalled (5 ms samples)", file=sys.stderr)
+            for frame, n in sorted(samples.items(), key=lambda kv: -kv[1])[:12]:
+                print(f"  {n:4d}  {frame}", file=sys.stderr)
         return float(np.diff(ticks).max() * 1000)
 
     def drop(path):
@@ -86,13 +124,14 @@ def main(argv=None) -> int:
     out = {"cpu": cpu_name(), "load_avg": os.getloadavg()[0], "side": args.side,
            "idle_jitter_ms": measure(lambda: None, lambda: time.monotonic() > idle_until)}
     out["text_search_ms"] = measure(lambda: w.run_text("many planes parked at the airport"),
-                                    lambda: w.last_result is not None and not w.jobs.busy())
+                                    lambda: w.last_result is not None and not w.jobs.busy(), "text search")
     for suffix in (".png", ".jpg"):
         p = big_image(tmp / f"big{suffix}", args.side)
         out[f"drop_{suffix[1:]}_ms"] = measure(lambda p=p: drop(p), lambda p=p: w.query.value == str(p) and not
-                                               w.jobs.busy() and w.panel.drop.cache.idle())
+                                               w.jobs.busy() and w.panel.drop.cache.idle(), f"drop {suffix}")
     w.tabs.setCurrentWidget(w.map)
-    out["first_map_ms"] = measure(lambda: w.map.compute("pca"), lambda: w.map.proj is not None and not w.jobs.busy())
+    out["first_map_ms"] = measure(lambda: w.map.compute("pca"), lambda: w.map.proj is not None and not w.jobs.busy(),
+                                  "first map")
     out["target_ms"] = 100
     if args.json:
         print(json.dumps(out, indent=2))

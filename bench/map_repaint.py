@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     widget = MapWidget(jobs)
     widget.resize(w + 200, h + 80)
     widget.show()
-    widget.index = index
+    widget.set_index(index)
     t = time.perf_counter()
     widget.set_projection(proj)
     set_ms = (time.perf_counter() - t) * 1000

@@ -96,3 +96,23 @@ def test_query_waiting_for_a_failed_load_runs_on_the_old_model():
     assert not s.ask(q)
     s.end(t)
     assert s.load_failed() == q and s.ask(q)
+
+
+def test_the_embedding_map_belongs_to_the_session_and_to_its_gallery():
+    """The map is session state: a map job for the old gallery is dropped, a new gallery
+    clears the map, and every change is an event the Map tab renders."""
+    s = _loaded()
+    seen = []
+    s.events.connect("map", seen.append)
+    t = s.begin("map", s.map_key("pca", 2000))
+    s.loaded(s.model, object(), "default", "another gallery")  # the gallery changed while it ran
+    assert not s.accepts(t, s.map_key("pca", 2000))
+    t2 = s.begin("map", s.map_key("tsne", 2000))
+    assert not s.accepts(t2, s.map_key("pca", 2000))  # computes another method than asked now
+    proj = object()
+    s.map_ready(proj)
+    assert s.map is proj and seen == [proj]
+    s.loaded(s.model, object(), "default", "a third gallery")
+    assert s.map is None
+    s.show_index(None)
+    assert s.map is None and seen[-1] is None

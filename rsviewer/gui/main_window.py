@@ -53,7 +53,7 @@ class MainWindow(QMainWindow):
         # ---- widgets
         self.panel = QueryPanel()
         self.results = ResultsGrid()
-        self.map = MapWidget(self.jobs)
+        self.map = MapWidget(self.jobs, self.session)
         self.map.status.connect(self.report)
         self.scene = SceneWidget(self.jobs)
         self.compare = CompareWidget(self.jobs)
@@ -380,7 +380,6 @@ class MainWindow(QMainWindow):
         self.compare.set_context(ses.model, ses.index, ses.gallery_spec, q, ses.options)
         self._render_results()
         self.time_label.setText(f"last query: {sum(res.seconds.values()):.0f} ms")
-        self.map.show_query([h.row for h in res.hits[:10]], [h.score for h in res.hits[:10]], q.short)
         self.searched.emit(res)
         if self.tabs.currentWidget() is self.compare:
             self.compare.run()

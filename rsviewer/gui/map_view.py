@@ -233,14 +233,19 @@ class MapWidget(QWidget):
     selection_changed = Signal(object, str)  # set of image rows (empty: nothing inside; None: cleared), description
     status = Signal(str, bool)  # (one line, is it an error) for the window's status bar
 
-    def __init__(self, jobs, parent=None):
+    # what the map shows is the session's (gallery, map, query result); the widget keeps
+    # only what it draws from them
+    index = property(lambda self: self.session.index)
+    proj = property(lambda self: self.session.map)
+
+    def __init__(self, jobs, session=None, parent=None):
         super().__init__(parent)
+        from .state import Session
+
         self.jobs = jobs
-        self.index = None
-        self.proj = None
+        self.session = session if session is not None else Session()  # a map on its own has its own
         self.colors: dict[str, str] = {}
         self._hover_point: Optional[int] = None
-        self._last_query = None
         lay = QVBoxLayout(self)
         lay.setContentsMargins(8, 8, 8, 8)
         bar = QHBoxLayout()
@@ -322,13 +327,15 @@ class MapWidget(QWidget):
         self.plot.scene().sigMouseMoved.connect(self._mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._clicked)
         thumbs().updated.connect(self._thumb_ready)
+        self.session.events.connect("map", self._on_map)
+        self.session.events.connect("result", self._on_result)
         self.set_index(None)
 
     # ---- data
     def set_index(self, index) -> None:
-        self.index = index
-        self._map_key = None
-        self.proj = None
+        """Draw the session's gallery afresh (a map on its own: make ``index`` its gallery)."""
+        if index is not self.session.index or self.session.map is not None:
+            self.session.show_index(index)
         self.points.set_layers([], np.zeros((1, 3), np.uint8))
         self.hits_item.clear()
         self.query_item.clear()
@@ -344,13 +351,14 @@ class MapWidget(QWidget):
                               f"{index.caption_emb.shape[0]:,} captions). Press “Compute map”.")
 
     def compute(self, method: Optional[str] = None) -> None:
-        if self.index is None:
+        ses = self.session
+        if ses.index is None:
             return
-        index = self.index
+        index = ses.index
         method = method or self.method.currentData()
         n = self.max_points.value()
-        key = (id(index), method, n)
-        self._map_key = key  # a newer map (or another gallery) makes this one's result stale
+        # a newer map (or another gallery) replaces this ticket: its result is then dropped
+        ticket = ses.begin("map", ses.map_key(method, n))
         self.info.setText(f"computing {METHOD_LABELS.get(method, method)} map…")
 
         def work(progress, cancel):
@@ -358,17 +366,30 @@ class MapWidget(QWidget):
 
             return project_index(index, method, max_points=n, progress=progress, cancel=cancel)
 
-        def current():
-            return self._map_key == key and self.index is index
+        def current() -> bool:
+            return ses.accepts(ticket, ses.map_key(method, n))
 
-        self.jobs.start(f"Map ({METHOD_LABELS.get(method, method)})", work,
-                        lambda proj: current() and self.set_projection(proj),
-                        lambda msg: current() and self.info.setText(f"Map failed: {msg}"), slot="map",
-                        on_cancel=lambda: current() and self.info.setText("map cancelled"))
+        def done(proj) -> None:
+            if current():
+                ses.end(ticket)
+                ses.map_ready(proj)
+
+        def failed(msg: str) -> None:
+            if current():
+                ses.end(ticket)
+                self.info.setText(f"Map failed: {msg}")
+
+        self.jobs.start(f"Map ({METHOD_LABELS.get(method, method)})", work, done, failed, slot="map",
+                        on_cancel=lambda: current() and (ses.end(ticket), self.info.setText("map cancelled")))
 
     def set_projection(self, proj) -> None:
+        """Show ``proj`` as the gallery's map (it becomes the session's)."""
+        self.session.map_ready(proj)
+
+    def _on_map(self, proj) -> None:
+        if proj is None:
+            return
         index = self.index
-        self.proj = proj
         labels = index.labels
         cap_img = np.asarray(index.caption_image)
         point_label = [labels[r] if k == IMAGE else labels[int(cap_img[r])]
@@ -395,12 +416,19 @@ class MapWidget(QWidget):
                           "Hover for a preview, click to search by that item.")
         for b in (self.png_button, self.csv_button, self.lasso_button):
             b.setEnabled(True)
-        if self._last_query is not None:
-            self.show_query(*self._last_query)
+        self._on_result(self.session.result)
+
+    def _on_result(self, result) -> None:
+        """Mark the session's query on the map: its top 10 hits and their weighted centre."""
+        if result is None:
+            self.show_query([], [], "")
+            return
+        q = self.session.query
+        hits = result.hits[:10]
+        self.show_query([h.row for h in hits], [h.score for h in hits], q.short if q is not None else "query")
 
     # ---- the current query
     def show_query(self, rows: list[int], scores: list[float], label: str = "query") -> None:
-        self._last_query = (rows, scores, label)
         self.hits_item.clear()
         self.query_item.clear()
         self.query_text_item.setText("")

@@ -289,7 +289,8 @@ class Session:
 
     Events (``session.events.connect(name, fn)``): ``model`` (model and gallery
     loaded), ``result`` (a query's result, or None when it was cleared), ``selection``,
-    ``map_filter``, ``error`` (a one-line message).
+    ``map`` (the gallery's embedding map, or None), ``map_filter``, ``error`` (a
+    one-line message).
     """
 
     def __init__(self, model_spec: str = "default", gallery_spec: Optional[str] = None):
@@ -305,6 +306,7 @@ class Session:
         self.qrow: Optional[int] = None
         self.options: dict = {"k": 20, "rerank": "none", "labels": None}
         self.selection = None  # the selected Hit
+        self.map = None  # the embedding map (Projection) of ``index`` in the Map tab
         self.map_filter: Optional[frozenset[int]] = None
         self.map_filter_desc = ""
         self.error = ""
@@ -357,6 +359,7 @@ class Session:
         self.model_spec, self.gallery_spec = model_spec, gallery_spec
         self.result, self.gt, self.qrow = None, None, None
         self.selection = None
+        self.map = None
         self.map_filter, self.map_filter_desc = None, ""
         self.error = ""
         again = self.pending or self.query
@@ -404,6 +407,17 @@ class Session:
 
     def set_options(self, options: dict) -> None:
         self.options = dict(options)
+
+    def show_index(self, index) -> None:
+        """A gallery shown without a model (a map on its own: scripts, benches): its old map goes."""
+        self.index, self.map = index, None
+        self.map_filter, self.map_filter_desc = None, ""
+        self.events.emit("map", None)
+
+    def map_ready(self, proj) -> None:
+        """The embedding map of the current gallery was computed (or read from its cache)."""
+        self.map = proj
+        self.events.emit("map", proj)
 
     def set_map_filter(self, rows, desc: str = "") -> None:
         """Restrict the results to these image rows; None or an empty set clears it."""
