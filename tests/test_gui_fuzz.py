@@ -528,3 +528,24 @@ def test_rapid_fire_switches_while_jobs_run(win, qtbot, model_copy, tiny_gallery
     assert not any("cancelled" in m for m in win.messages), win.messages
     still_usable(win, qtbot)
     no_traceback(capfd)
+
+
+def test_16bit_tiff_without_tifffile_says_how_to_read_it(win, qtbot, tmp_path, capfd, monkeypatch):
+    """Pillow alone reads a 16-bit RGB TIFF by its high byte (almost black): the status line says
+    so and names the extra, and the query still runs (the image is usable, only dark)."""
+    import tifffile
+
+    import rsviewer.data.images as images
+
+    arr = (np.random.default_rng(0).random((64, 64, 3)) * 4000).astype(np.uint16)  # 12-bit data in 16 bits
+    path = tmp_path / "scene16.tif"
+    tifffile.imwrite(path, arr, photometric="rgb")
+    monkeypatch.setattr(images, "_tifffile", lambda: None)
+    assert drop(win, path) == "image"
+    msg = win.statusBar().currentMessage()
+    assert "scene16.tif" in msg and "rsviewer[tiff]" in msg
+    qtbot.waitUntil(lambda: not win.jobs.busy("search"), timeout=WAIT)
+    assert win.query is not None and win.query.value == str(path)
+    monkeypatch.undo()
+    assert images.read_hint(path) is None  # with tifffile installed there is nothing to say
+    no_traceback(capfd)

@@ -1,6 +1,8 @@
 """rsviewer search --index DIR --text "…" | --image PATH  [-k 10] [--json]"""
 from __future__ import annotations
 
+import sys
+
 from .common import add_json_arg, add_runtime_arg, check_out_file, emit, positive_int
 
 
@@ -43,6 +45,11 @@ def run(args) -> int:
         res = search_text(model, index, args.text, args.k, rerank=args.rerank, labels=args.label,
                           runtime=args.runtime, scan=args.scan)
     else:
+        from ..data import read_hint
+
+        hint = read_hint(args.image)
+        if hint:
+            print(f"warning: {hint}", file=sys.stderr)
         res = search_image(model, index, args.image, args.k, target=args.target, labels=args.label, rerank=args.rerank,
                            runtime=args.runtime, scan=args.scan)
     lines = [f"{res.mode}: {res.query!r} over {res.n_gallery} images ({sum(res.seconds.values()):.1f} ms)"]

@@ -7,6 +7,7 @@ from .images import (
     is_image_file,
     load_image,
     max_pixels,
+    read_hint,
     stretch_to_uint8,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "Item",
     "image_size",
     "is_image_file",
+    "read_hint",
     "load_dataset",
     "load_image",
     "max_pixels",

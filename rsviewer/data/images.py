@@ -27,7 +27,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -171,6 +171,22 @@ def _needs_tifffile(im: Image.Image) -> bool:
     bits = tags.get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
     return int(tags.get(277, 1)) > 1 and max(bits, default=8) > 8
+
+
+def read_hint(path: str | os.PathLike) -> Optional[str]:
+    """One line worth telling the user before ``path`` is used, from its header alone (no
+    decode): a 16-bit (or multi-band) TIFF without the optional ``tifffile``, which Pillow
+    reads by keeping the high byte — an almost black image. ``None`` when nothing to say."""
+    if _tifffile() is not None:
+        return None
+    try:
+        with Image.open(_as_path(path)) as im:
+            if _needs_tifffile(im):
+                return (f"{Path(path).name} is a >8-bit TIFF: without tifffile it reads dark (high byte only); "
+                        "pip install 'rsviewer[tiff]' reads it properly")
+    except Exception:  # noqa: BLE001 — unreadable files are reported by load_image itself
+        return None
+    return None
 
 
 def _orientation(im: Image.Image) -> int:

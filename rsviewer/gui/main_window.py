@@ -337,6 +337,11 @@ class MainWindow(QMainWindow):
         ses.set_options(self.panel.options())
         if q.kind == "image":
             self.panel.drop.show_image(q.value)  # preview while it runs; restored if it fails
+            from ..data import read_hint
+
+            hint = read_hint(q.value)  # header only: cheap on the GUI thread
+            if hint:
+                self.show_message(hint)
         if not ses.ask(q):
             self.results.set_message("waiting for the model and gallery to load…")
             return
