@@ -26,7 +26,10 @@ What the paper does (§3) and what this module does:
 
 Substitutions (honest, and why):
 
-- **No CLIP here.** The paper's CLIP ViT/BERT come with a joint embedding space and
+- **CLIP is optional.** ``--set clip=PATH`` (an OpenAI/open_clip ViT file) runs the paper's
+  own setting — frozen CLIP towers, one shared ``W_down``, LoRA on CLIP's text, CLIP's
+  projections as the joint space (``clip_branch.py``). Without it (the default, as
+  no CLIP weights ship): the paper's CLIP ViT/BERT come with a joint embedding space and
   frozen projections, so it trains only adapters and LoRA. Here the frozen bases are
   EfficientNet-Lite (ImageNet) and MiniLM-L6 (sentence embeddings), which share no
   space, so both sides need a *trained projection*: the image embedding is
