@@ -3,6 +3,7 @@ it starts as the plain clip model, its cached split is exact, it trains only ada
 LoRA and its own scale, and reloads from a checkpoint that does not copy the CLIP."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -106,6 +107,20 @@ def test_explain_and_gradcam_do_not_crash(clip_file):
     assert all(v.shape == (4, 4) and (v >= 0).all() for v in ex.image_maps.values())
     assert ex.words == ["a", "bridge", "over", "the", "river"]
     assert next(iter(m.gradcam_layers())) == "focus.b1"
+    # through the explain engine: Grad-CAM on the preset adapter, the focus maps, word attributions
+    from PIL import Image
+
+    from rsviewer.explain import explain
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    cam = explain(m, img, "a bridge over the river", "gradcam")
+    assert cam.heatmap.shape == (64, 64) and np.isfinite(cam.heatmap).all()
+    att = explain(m, img, "a bridge over the river", "attention")
+    assert np.isfinite(att.heatmap).all()
+    words = explain(m, img, "a bridge over the river", "words")
+    assert words.words == ["a", "bridge", "over", "the", "river"] and len(words.word_weights) == 5
+    total, expected = words.info["completeness"]
+    assert total == pytest.approx(expected, abs=0.02)  # IG sums to s(x) - s(baseline)
 
 
 @needs_shared()

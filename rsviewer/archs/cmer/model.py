@@ -66,6 +66,7 @@ from ...nets.text import TextEncoder
 from ...train.losses import info_nce, positive_masks, soft_targets
 from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n, make_head
 from ..registry import register
+from ..clip import _TextInfo
 from .clip_branch import ClipBranch
 from .focus import FocusAdapter, pool_to
 from .lora import LoRALinear, apply_lora
@@ -199,7 +200,9 @@ class CMER(RetrievalModel):
         cfg.clip = str(self.clip.path)  # absolute: the saved model finds it from any folder
         cfg.image_size, cfg.embed_dim, cfg.max_tokens = int(cc.image_size), int(cc.embed_dim), int(cc.max_tokens)
         self.mean, self.std = tuple(cc.mean), tuple(cc.std)
-        self.backbone = self.text = self.image_proj = self.text_proj = None
+        self.backbone = self.image_proj = self.text_proj = None
+        # what the explain engine reads as ``model.text`` (a plain object: no duplicated weights)
+        self.text = _TextInfo(self.clip.tokenizer, self.clip.text_model.embeddings.token_embedding)
         self.stages = [f"b{i}" for i in self.clip.blocks]
         self.shared_down = nn.Conv2d(self.clip.width, cfg.adapter_hidden, 1) if self.stages else None
         self.adapters = nn.ModuleDict(
@@ -216,6 +219,12 @@ class CMER(RetrievalModel):
                           for p in self.clip.lora_paths]
         self.bases = {"clip.tower": self.clip.ref}
         self.freeze_bases()
+
+    def word_embedding_layer(self) -> nn.Module:
+        """The text tower's input word embeddings (for the explain engine's word attributions)."""
+        if self.clip is not None:
+            return self.clip.text_model.embeddings.token_embedding
+        return self.text.bert.embeddings.word_embeddings
 
     @property
     def _text_api(self):
