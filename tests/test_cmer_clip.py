@@ -95,6 +95,8 @@ def test_bad_input_is_one_clear_error(clip_file, tmp_path):
         build(clip_file, clip_blocks="7")
     with pytest.raises(ValueError, match="clip_blocks"):
         build(clip_file, clip_blocks="x")
+    with pytest.raises(ValueError, match="without --end-to-end"):
+        build(clip_file).tune_end_to_end()
     rn = save_as(make_ref("rn").state_dict(), tmp_path / "tiny-rn.pt", "plain")
     with pytest.raises(ModelError, match="ViT"):
         create_model("cmer", clip=str(rn))

@@ -220,6 +220,12 @@ class CMER(RetrievalModel):
         self.bases = {"clip.tower": self.clip.ref}
         self.freeze_bases()
 
+    def tune_end_to_end(self, image_from: str = "all", text_from: str = "all") -> dict[str, list[str]]:
+        if self.clip is not None and (image_from not in ("none", "") or text_from not in ("none", "")):
+            raise ValueError("cmer over a CLIP keeps the CLIP frozen, as the paper (only adapters and LoRA train); "
+                             "train it on cached features, without --end-to-end")
+        return super().tune_end_to_end(image_from, text_from)
+
     def word_embedding_layer(self) -> nn.Module:
         """The text tower's input word embeddings (for the explain engine's word attributions)."""
         if self.clip is not None:
