@@ -126,9 +126,13 @@ def test_explain_and_gradcam_do_not_crash(clip_file):
 
 
 @needs_shared()
-def test_training_saves_only_the_trained_part_and_reloads(clip_file, tmp_path):
+def test_training_saves_only_the_trained_part_and_reloads(clip_file, tmp_path, monkeypatch):
+    from rsviewer.archs.cmer import CMER
     from rsviewer.train.trainer import TrainConfig, train
 
+    trained: list = []  # the trainer's own model, caught at its optimiser steps
+    step = CMER.after_step
+    monkeypatch.setattr(CMER, "after_step", lambda self, batch: (trained.append(self), step(self, batch))[1])
     torch.manual_seed(0)
     frozen_before = {k: v.clone() for k, v in build(clip_file).state_dict().items() if k.startswith("clip.") and ".lora_" not in k}
     out = tmp_path / "m"
@@ -147,9 +151,11 @@ def test_training_saves_only_the_trained_part_and_reloads(clip_file, tmp_path):
     assert sum(v.numel() for v in saved.values()) < 0.5 * sum(v.numel() for v in frozen_before.values())
     m = load_model(out, expect_arch="cmer")
     assert m.bases["clip.tower"].sha256 and m.cfg.clip == str(clip_file.resolve())
-    # the CLIP weights are frozen: unchanged by training
-    now = m.state_dict()
+    # the CLIP weights are frozen: unchanged in the model that was trained (and in the file)
+    assert len(trained) >= 4 and all(t is trained[0] for t in trained)
+    now = trained[0].state_dict()
     assert all(torch.equal(now[k], v) for k, v in frozen_before.items())
+    assert any(not torch.equal(now[k], v) for k, v in build(clip_file).state_dict().items() if ".lora_B" in k)
     # the LoRA and adapters did learn, and the reloaded model gives the saved model's numbers
     assert any(saved[k].abs().max() > 0 for k in saved if k.endswith("lora_B"))
     assert saved["side_proj.1.weight"].abs().max() > 0
