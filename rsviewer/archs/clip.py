@@ -407,6 +407,7 @@ class _HFStyle:
         self.tok = tok
         self.pad_token_id = 0
         self.all_special_ids = [tok.sot, tok.eot]
+        self.all_special_tokens = [tok.decoder[tok.sot], tok.decoder[tok.eot]]
 
     def convert_ids_to_tokens(self, ids):
         return [self.tok.decoder[int(i)].replace("</w>", "") for i in ids]

@@ -131,9 +131,11 @@ class FocusLayer(nn.Module):
 class FocusAdapter(nn.Module):
     """One adapter of the side branch (eqs. 10–13), on (B, C, H, W) maps."""
 
-    def __init__(self, in_channels: int, dim: int = 192, heads: int = 6, field: int = 2):
+    def __init__(self, in_channels: Optional[int], dim: int = 192, heads: int = 6, field: int = 2):
         super().__init__()
-        self.down = nn.Conv2d(in_channels, dim, 1)  # W_down and b of eq. 10 (1×1 = per position)
+        # W_down and b of eq. 10 (1×1 = per position); ``in_channels=None``: the caller
+        # applies one W_down shared by all adapters (ViT blocks have one width, as the paper)
+        self.down = nn.Conv2d(in_channels, dim, 1) if in_channels else nn.Identity()
         self.focus = FocusLayer(dim, heads, field)
         self.w = nn.Conv2d(dim, dim, 1)  # W_d of eq. 13
 

@@ -11,7 +11,7 @@ rounding.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -71,20 +71,43 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(layers: Iterable[nn.Module], targets: Iterable[str], rank: int, alpha: float) -> list[str]:
-    """Wrap the ``nn.Linear`` children named in ``targets`` of every layer's self-attention
-    (``query``/``key``/``value``) or output (``attn_out``, ``ffn_in``, ``ffn_out``).
+# target name → (parent module path, attribute) inside one encoder layer
+BERT_TARGETS = {
+    "query": ("attention.self", "query"),
+    "key": ("attention.self", "key"),
+    "value": ("attention.self", "value"),
+    "attn_out": ("attention.output", "dense"),
+    "ffn_in": ("intermediate", "dense"),
+    "ffn_out": ("output", "dense"),
+}
+# transformers' CLIPEncoderLayer; the BERT names are aliases so one config fits both towers
+CLIP_TARGETS = {
+    "q_proj": ("self_attn", "q_proj"),
+    "k_proj": ("self_attn", "k_proj"),
+    "v_proj": ("self_attn", "v_proj"),
+    "out_proj": ("self_attn", "out_proj"),
+    "fc1": ("mlp", "fc1"),
+    "fc2": ("mlp", "fc2"),
+    "query": ("self_attn", "q_proj"),
+    "key": ("self_attn", "k_proj"),
+    "value": ("self_attn", "v_proj"),
+    "attn_out": ("self_attn", "out_proj"),
+    "ffn_in": ("mlp", "fc1"),
+    "ffn_out": ("mlp", "fc2"),
+}
+
+
+def apply_lora(
+    layers: Iterable[nn.Module], targets: Iterable[str], rank: int, alpha: float, where: Optional[dict] = None
+) -> list[str]:
+    """Wrap the ``nn.Linear`` children named in ``targets`` of every layer: by default a
+    BERT layer's self-attention (``query``/``key``/``value``) or output (``attn_out``,
+    ``ffn_in``, ``ffn_out``); ``where`` maps other layouts (``CLIP_TARGETS``).
 
     Returns the module paths (relative to each layer) that were wrapped.
     """
-    where = {
-        "query": ("attention.self", "query"),
-        "key": ("attention.self", "key"),
-        "value": ("attention.self", "value"),
-        "attn_out": ("attention.output", "dense"),
-        "ffn_in": ("intermediate", "dense"),
-        "ffn_out": ("output", "dense"),
-    }
+    where = BERT_TARGETS if where is None else where
+    targets = list(targets)
     done: list[str] = []
     for t in targets:
         if t not in where:

@@ -26,7 +26,10 @@ What the paper does (§3) and what this module does:
 
 Substitutions (honest, and why):
 
-- **No CLIP here.** The paper's CLIP ViT/BERT come with a joint embedding space and
+- **CLIP is optional.** ``--set clip=PATH`` (an OpenAI/open_clip ViT file) runs the paper's
+  own setting — frozen CLIP towers, one shared ``W_down``, LoRA on CLIP's text, CLIP's
+  projections as the joint space (``clip_branch.py``). Without it (the default, as
+  no CLIP weights ship): the paper's CLIP ViT/BERT come with a joint embedding space and
   frozen projections, so it trains only adapters and LoRA. Here the frozen bases are
   EfficientNet-Lite (ImageNet) and MiniLM-L6 (sentence embeddings), which share no
   space, so both sides need a *trained projection*: the image embedding is
@@ -63,6 +66,8 @@ from ...nets.text import TextEncoder
 from ...train.losses import info_nce, positive_masks, soft_targets
 from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n, make_head
 from ..registry import register
+from ..clip import _TextInfo
+from .clip_branch import ClipBranch
 from .focus import FocusAdapter, pool_to
 from .lora import LoRALinear, apply_lora
 from .prompts import DEFAULT_TEMPLATE, augment, readable_label
@@ -105,6 +110,11 @@ class CMERConfig(BaseConfig):
     # in-batch InfoNCE (eqs. 19–21)
     label_alpha: float = 0.0
     temperature: float = 0.05  # initial τ; learned
+    # the paper's main branch: a frozen CLIP ViT (OpenAI/open_clip checkpoint file). When set,
+    # its towers replace EfficientNet-Lite and MiniLM (clip_branch.py); image_size, embed_dim
+    # and max_tokens become the CLIP's own, and stages/pool/head/hidden/image_* are unused
+    clip: str = ""
+    clip_blocks: str = ""  # ViT blocks feeding the adapters: "" = 4 evenly spaced | "all" (paper) | "3,7,11" | "none"
 
 
 @register
@@ -122,6 +132,23 @@ class CMER(RetrievalModel):
 
     def __init__(self, cfg: CMERConfig, extra: Optional[dict] = None):
         super().__init__(cfg, extra)
+        self.clip: Optional[ClipBranch] = None
+        self.shared_down: Optional[nn.Module] = None  # one W_down for all adapters (CLIP ViT)
+        if cfg.clip:
+            self._init_clip(cfg)
+        else:
+            self._init_cnn(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+
+        # ---- training state (never saved) ---------------------------------------------
+        self.label_names: list[str] = list((extra or {}).get("labels", []))
+        self._readable: list[str] = []
+        self.queue = NegativeQueue(0)
+        self._pending: Optional[tuple] = None
+        self._prompt_memo: dict[str, torch.Tensor] = {}
+
+    def _init_cnn(self, cfg: CMERConfig) -> None:
+        """EfficientNet-Lite (or another backbone) + MiniLM, with trained projection heads."""
         # ---- image: frozen backbone + Focus-Adapter side branch ------------------------
         self.backbone, bref = create_backbone(cfg.image_backbone, cfg.image_weights)
         self.mean, self.std = self.backbone.mean, self.backbone.std
@@ -161,14 +188,61 @@ class CMER(RetrievalModel):
             raise ValueError("cmer fine-tunes the backbone from s16 only, with stages among s16,s32")
         self.tune_backbone_from(cfg.image_train_from)
         self.text_proj = make_head(self.text.width, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
 
-        # ---- training state (never saved) ---------------------------------------------
-        self.label_names: list[str] = list((extra or {}).get("labels", []))
-        self._readable: list[str] = []
-        self.queue = NegativeQueue(0)
-        self._pending: Optional[tuple] = None
-        self._prompt_memo: dict[str, torch.Tensor] = {}
+    def _init_clip(self, cfg: CMERConfig) -> None:
+        """The paper's setting: frozen CLIP ViT + Focus-Adapters over its blocks, LoRA on
+        CLIP's text transformer; CLIP's projections give the joint space (no new heads)."""
+        if cfg.image_train_from:
+            raise ValueError("cmer over a CLIP keeps the ViT frozen (image_train_from must be empty)")
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        self.clip = ClipBranch(cfg.clip, cfg.clip_blocks, cfg.lora_layers, targets, cfg.lora_rank, cfg.lora_alpha)
+        cc = self.clip.clip_cfg
+        cfg.clip = str(self.clip.path)  # absolute: the saved model finds it from any folder
+        cfg.image_size, cfg.embed_dim, cfg.max_tokens = int(cc.image_size), int(cc.embed_dim), int(cc.max_tokens)
+        self.mean, self.std = tuple(cc.mean), tuple(cc.std)
+        self.backbone = self.image_proj = self.text_proj = None
+        # what the explain engine reads as ``model.text`` (a plain object: no duplicated weights)
+        self.text = _TextInfo(self.clip.tokenizer, self.clip.text_model.embeddings.token_embedding)
+        self.stages = [f"b{i}" for i in self.clip.blocks]
+        self.shared_down = nn.Conv2d(self.clip.width, cfg.adapter_hidden, 1) if self.stages else None
+        self.adapters = nn.ModuleDict(
+            {s: FocusAdapter(None, cfg.adapter_hidden, cfg.adapter_heads, cfg.focus_field) for s in self.stages}
+        )
+        self.side_proj = None
+        if self.stages:
+            self.side_proj = nn.Sequential(nn.LayerNorm(2 * cfg.adapter_hidden), nn.Linear(2 * cfg.adapter_hidden, cfg.embed_dim))
+            # residual on CLIP's embedding, starting at zero: training starts from CLIP's zero-shot space
+            nn.init.zeros_(self.side_proj[1].weight)
+            nn.init.zeros_(self.side_proj[1].bias)
+        root = "clip.tower.clip.text_model.encoder.layers"
+        self.finetuned = [f"{root}.{i}.{p}.lora_" for i in range(self.clip.text_prefix, self.clip.num_text_layers)
+                          for p in self.clip.lora_paths]
+        self.bases = {"clip.tower": self.clip.ref}
+        self.freeze_bases()
+
+    def tune_end_to_end(self, image_from: str = "all", text_from: str = "all") -> dict[str, list[str]]:
+        if self.clip is not None and (image_from not in ("none", "") or text_from not in ("none", "")):
+            raise ValueError("cmer over a CLIP keeps the CLIP frozen, as the paper (only adapters and LoRA train); "
+                             "train it on cached features, without --end-to-end")
+        return super().tune_end_to_end(image_from, text_from)
+
+    def word_embedding_layer(self) -> nn.Module:
+        """The text tower's input word embeddings (for the explain engine's word attributions)."""
+        if self.clip is not None:
+            return self.clip.text_model.embeddings.token_embedding
+        return self.text.bert.embeddings.word_embeddings
+
+    @property
+    def _text_api(self):
+        """Tokenizer-side calls shared by both text towers (tokenize, tokenizer, words)."""
+        return self.clip if self.clip is not None else self.text
+
+    def feature_signature(self, side: str) -> dict:
+        sig = super().feature_signature(side)
+        if self.clip is not None:  # the CNN signature stays as it was (its caches stay valid)
+            sig["config"].update({"clip": self.cfg.clip, "clip_blocks": self.clip.blocks} if side == "image"
+                                 else {"clip": self.cfg.clip})
+        return sig
 
     # ---- image ----------------------------------------------------------------------------
     def _head_map(self, s32: torch.Tensor) -> torch.Tensor:
@@ -187,7 +261,10 @@ class CMER(RetrievalModel):
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frozen stage outputs ``v_d`` for the side branch + the pooled main-branch vector
-        (with ``image_train_from``: only the frozen part's stride-16 map)."""
+        (with ``image_train_from``: only the frozen part's stride-16 map; over a CLIP: its
+        image embedding and the tapped blocks' patch grids)."""
+        if self.clip is not None:
+            return self.clip.image_features(pixels)
         if self.image_split:
             return {"s16": self.backbone.forward_features(pixels, upto="s16")["s16"]}
         maps = self.backbone.forward_features(pixels, head=False)
@@ -212,10 +289,15 @@ class CMER(RetrievalModel):
         """Run the Focus-Adapters stage to stage (eq. 10: f_{d−1} feeds adapter d); returns f_D."""
         f = None
         for s in self.stages:
-            f = self.adapters[s](feats[s].float(), f)
+            v = feats[s].float()
+            if self.shared_down is not None:
+                v = self.shared_down(v)
+            f = self.adapters[s](v, f)
         return f
 
     def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.clip is not None:
+            return self._clip_image_head(feats)
         feats = self._finish_features(feats)
         emb = 0.0
         if self.stages:
@@ -225,9 +307,32 @@ class CMER(RetrievalModel):
             emb = emb + self.image_proj(feats["pooled"].float())
         return l2n(emb)
 
+    def _clip_image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """CLIP's frozen embedding + the side branch (residual, zero at initialisation)."""
+        emb = l2n(feats["pooled"].float())
+        if self.stages:
+            f = self.side_branch(feats)
+            emb = emb + self.side_proj(torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1))
+        return l2n(emb)
+
+    def _clip_local_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D, g, g): CLIP's projection of the last block's patch tokens plus the side
+        branch cell (the same residual as the pooled embedding)."""
+        out = self.clip.vision(pixel_values=pixels, output_hidden_states=True)
+        emb = self.clip.dense_embeddings(self.clip.grid(out.hidden_states[-1]))
+        if self.stages:
+            f = self.side_branch({f"b{i}": self.clip.grid(out.hidden_states[i + 1]) for i in self.clip.blocks})
+            b, c, h, w = f.shape
+            cells = f.permute(0, 2, 3, 1).reshape(-1, c)
+            side = self.side_proj(torch.cat([cells, cells], 1)).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            emb = l2n(emb.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + side
+        return l2n(emb.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
     def local_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) on the last adapter's grid: the heads applied to every cell
         (side branch cell + main-branch features of that cell), i.e. patch similarity."""
+        if self.clip is not None:
+            return self._clip_local_embeddings(pixels)
         maps = self.backbone.forward_features(pixels, head=False)
         emb = 0.0
         if self.stages:
@@ -252,13 +357,17 @@ class CMER(RetrievalModel):
 
     # ---- text -----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.text.tokenize(texts)
+        return self._text_api.tokenize(texts)
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # no LoRA layers: the sentence vector is cached; otherwise the frozen prefix's token states
+        if self.clip is not None:
+            return self.clip.text_features(tokens)
         return self.text.prefix_features(tokens, self.text_prefix)
 
     def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.clip is not None:  # CLIP's own text_projection: already the joint space
+            return l2n(self.clip.text_pooled(feats))
         return l2n(self.text_proj(self.text.pooled_from(feats, self.text_prefix)))
 
     def merge_lora(self) -> None:
@@ -283,7 +392,7 @@ class CMER(RetrievalModel):
 
     def readable_labels(self) -> list[str]:
         if len(self._readable) != len(self.label_names):
-            vocab = frozenset(w for w in self.text.tokenizer.get_vocab() if w.isalpha())
+            vocab = frozenset(w for w in self._text_api.tokenizer.get_vocab() if w.isalpha())
             self._readable = [readable_label(lab, vocab) for lab in self.label_names]
         return self._readable
 
@@ -297,7 +406,7 @@ class CMER(RetrievalModel):
         """Frozen-prefix features of prompted captions (memoised; each row unpadded)."""
         missing = sorted({t for t in texts if t not in self._prompt_memo})
         if missing:
-            tok = self.text.tokenize(missing, max_tokens=self.cfg.max_tokens + PROMPT_EXTRA_TOKENS)
+            tok = self._text_api.tokenize(missing, max_tokens=self.cfg.max_tokens + PROMPT_EXTRA_TOKENS)
             tok = {k: v.to(device) for k, v in tok.items()}
             feats = self.text_features(tok)
             lens = tok["attention_mask"].sum(1).tolist()
@@ -371,6 +480,11 @@ class CMER(RetrievalModel):
     # ---- explanations ---------------------------------------------------------------------
     def gradcam_layers(self) -> dict[str, nn.Module]:
         layers = {f"focus.{s}": self.adapters[s] for s in reversed(self.stages)}
+        if self.clip is not None:  # the last ViT blocks, as the clip arch offers them
+            blocks = self.clip.vision.encoder.layers
+            for i in range(len(blocks) - 1, max(-1, len(blocks) - 3), -1):
+                layers[f"clip.tower.clip.vision_model.encoder.layers.{i}"] = blocks[i]
+            return layers
         layers.update(backbone_cam_layers(self.backbone, ("head", "s16")))
         return layers
 
@@ -381,14 +495,15 @@ class CMER(RetrievalModel):
         self.eval()
         pixels = pixels[:1].to(self.device)
         try:
-            maps = self.backbone.forward_features(pixels, head=False)
+            maps = self.image_features(pixels) if self.clip is not None else self.backbone.forward_features(pixels, head=False)
             focus_maps: dict = {}
             f = None
             for s in self.stages:
                 ad = self.adapters[s]
                 ad.focus.keep_attention = True
                 try:
-                    f = ad(maps[s].float(), f)
+                    v = maps[s].float()
+                    f = ad(self.shared_down(v) if self.shared_down is not None else v, f)
                     h, w = f.shape[-2:]
                     focus_maps[f"focus/{s}"] = ad.focus.attention_mass(1, h, w)[0].cpu().numpy()
                 finally:
@@ -399,8 +514,8 @@ class CMER(RetrievalModel):
             local = self.local_embeddings(pixels)[0]  # (D, h, w)
             sim = torch.einsum("d,dhw->hw", t[0], local).clamp_min(0)
             image_maps = {**focus_maps, "similarity": sim.cpu().numpy()}
-            special = set(self.text.tokenizer.all_special_tokens)
-            words = [w for w in self.text.words(tokens["input_ids"])[0] if w not in special]
+            special = set(self._text_api.tokenizer.all_special_tokens)
+            words = [w for w in self._text_api.words(tokens["input_ids"])[0] if w not in special]
         finally:
             self.train(was_training)
         return ExplainMaps(
