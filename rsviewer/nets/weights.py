@@ -108,6 +108,16 @@ def local_ref(path: str | os.PathLike) -> WeightsRef:
     return WeightsRef(path=str(p.resolve()), sha256=sha256_of(p))
 
 
+def _digest(path: Path, cached: bool) -> str:
+    """sha256 of a base's file; a user's file (a CLIP checkpoint can be 1.7 GB) through the
+    hash cache keyed by size and modification time, so opening it stays fast."""
+    if cached:
+        from .clip.hashing import sha256_cached
+
+        return sha256_cached(path)
+    return sha256_of(path)
+
+
 def resolve_ref(ref: WeightsRef, verify: bool = True) -> Path:
     """Find the weights a checkpoint refers to and check they are the same bytes."""
     if ref.package:
@@ -119,6 +129,6 @@ def resolve_ref(ref: WeightsRef, verify: bool = True) -> Path:
         path = Path(ref.path or "")
         if not ref.path or not path.exists():
             raise ModelError(f"base weights {path} referenced by this model are missing")
-    if verify and ref.sha256 and sha256_of(path) != ref.sha256:
+    if verify and ref.sha256 and _digest(path, cached=not ref.package) != ref.sha256:
         raise ModelError(f"base weights {path} differ from those the model was trained with (sha256 mismatch)")
     return path
