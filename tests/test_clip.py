@@ -420,3 +420,16 @@ def test_tiny_clip_towers_run_in_onnx_runtime(tiny_vit, monkeypatch, tmp_path):
     assert info["image"] == "onnx" and info["text"] == "onnx", info
     assert F.cosine_similarity(got_i, ref_i).min() >= 0.9999
     assert F.cosine_similarity(got_t, ref_t).min() >= 0.9999
+
+
+def test_cli_says_what_it_inferred_for_a_foreign_file(tiny_vit_file, tmp_path, capsys):
+    """Without --quiet every command that opens a checkpoint file prints one line of what was
+    inferred (this line once crashed: cli/common.py lost its sys import)."""
+    from rsviewer.cli.main import main
+
+    _, path = tiny_vit_file
+    img = Path(__file__).resolve().parents[1] / "assets" / "gallery" / "images" / "91.jpg"
+    assert main(["explain", "--model", str(path), "--image", str(img), "--text", "farmland",
+                 "--method", "gradcam", "--out", str(tmp_path / "x.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"{path.stem}: " in err and "Traceback" not in err and (tmp_path / "x.png").exists()

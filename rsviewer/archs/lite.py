@@ -51,6 +51,9 @@ class LiteConfig(BaseConfig):
     label_alpha: float = 0.5  # weight of same-scene-label soft positives in InfoNCE
     margin: float = 0.2  # triplet margin
     temperature: float = 0.05  # initial; learned
+    # a CLIP checkpoint (OpenAI/open_clip ViT file): its frozen image and text embeddings
+    # replace EfficientNet-Lite and MiniLM, and the MLP heads train on them (cached)
+    clip: str = ""
 
 
 @register
@@ -61,12 +64,15 @@ class Lite(RetrievalModel):
     # val mR stays within ~0.5 of its best from epoch 6 on, so 15 epochs are plenty
     train_defaults = {"epochs": 15, "views": 8, "ema": 0.98}
     feature_keys = {
-        "image": ("image_backbone", "image_weights", "image_size", "pool", "image_train_from"),
-        "text": ("text_weights", "max_tokens", "text_train_layers"),
+        "image": ("image_backbone", "image_weights", "image_size", "pool", "image_train_from", "clip"),
+        "text": ("text_weights", "max_tokens", "text_train_layers", "clip"),
     }
-
     def __init__(self, cfg: LiteConfig, extra=None):
         super().__init__(cfg, extra)
+        self.clip = None  # the frozen CLIP towers (ClipBranch) when cfg.clip is set
+        if cfg.clip:
+            self._init_clip(cfg)
+            return
         self.backbone, bref = create_backbone(cfg.image_backbone, cfg.image_weights)
         self.text = TextEncoder(cfg.text_weights, cfg.max_tokens)
         self.bases = {"backbone": bref, "text": self.text.weights_ref}
@@ -85,6 +91,40 @@ class Lite(RetrievalModel):
         self.text_proj = make_head(self.text.width, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
 
+    def _init_clip(self, cfg: LiteConfig) -> None:
+        """Heads over a frozen CLIP: the published embeddings are the cached features."""
+        from .clip import _TextInfo
+        from .cmer.clip_branch import ClipBranch  # the frozen CLIP towers, shared with cmer
+
+        if cfg.image_train_from or cfg.text_train_layers:
+            raise ValueError("lite over a CLIP trains heads on its frozen embeddings: leave image_train_from "
+                             "and text_train_layers unset (fine-tune the CLIP with --arch clip --end-to-end)")
+        self.clip = ClipBranch(cfg.clip, "none", 0, (), 8, 16.0)
+        cc = self.clip.clip_cfg
+        cfg.clip = str(self.clip.path)  # absolute: the saved model finds it from any folder
+        cfg.image_size, cfg.max_tokens = int(cc.image_size), int(cc.max_tokens)
+        self.mean, self.std = tuple(cc.mean), tuple(cc.std)
+        self.backbone = None
+        self.text = _TextInfo(self.clip.tokenizer, self.clip.text_model.embeddings.token_embedding)
+        self.bases = {"clip.tower": self.clip.ref}
+        self.finetuned = []
+        d = int(cc.embed_dim)
+        self.image_proj = make_head(d, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
+        self.text_proj = make_head(d, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+
+    def tune_end_to_end(self, image_from: str = "all", text_from: str = "all") -> dict[str, list[str]]:
+        if self.clip is not None:
+            raise ValueError("lite over a CLIP trains heads on its frozen embeddings; to fine-tune the CLIP "
+                             "itself use --arch clip --end-to-end")
+        return super().tune_end_to_end(image_from, text_from)
+
+    def word_embedding_layer(self) -> nn.Module:
+        """The text tower's input word embeddings (the explain engine's word attributions)."""
+        if self.clip is not None:
+            return self.clip.text_model.embeddings.token_embedding
+        return self.text.bert.embeddings.word_embeddings
+
     # ---- image ----------------------------------------------------------------------------
     def feature_maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.backbone.forward_features(pixels)
@@ -99,6 +139,8 @@ class Lite(RetrievalModel):
         return torch.cat(parts, 1)
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.clip is not None:
+            return {"pooled": self.clip.image_features(pixels)["pooled"]}
         if self.image_split:  # frozen part only: the map the fine-tuned layers start from
             maps = self.backbone.forward_features(pixels, upto=self.image_split)
             keep = {self.image_split} | ({"s16"} & set(maps) if self.cfg.pool == "mean_max_s16" else set())
@@ -106,6 +148,8 @@ class Lite(RetrievalModel):
         return {"pooled": self.pool(self.feature_maps(pixels))}
 
     def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.clip is not None:
+            return l2n(self.image_proj(feats["pooled"].float()))
         if self.image_split:
             maps = {**feats, **self.backbone.forward_from(feats[self.image_split].float(), self.image_split)}
             return l2n(self.image_proj(self.pool({k: v.float() for k, v in maps.items()})))
@@ -117,6 +161,12 @@ class Lite(RetrievalModel):
         Each position gets its own features in every pooled slot (mean and max of one
         location are that location), so these are the embeddings of single cells.
         """
+        if self.clip is not None:  # the last block's patch tokens through CLIP's projection, then the head
+            out = self.clip.vision(pixel_values=pixels, output_hidden_states=True)
+            emb = self.clip.dense_embeddings(self.clip.grid(out.hidden_states[-1]))
+            b, d, h, w = emb.shape
+            x = l2n(self.image_proj(emb.permute(0, 2, 3, 1).reshape(-1, d)))
+            return x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
         maps = self.feature_maps(pixels)
         s32 = maps["s32"]
         parts = [s32]
@@ -131,13 +181,17 @@ class Lite(RetrievalModel):
 
     # ---- text -----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.text.tokenize(texts)
+        return (self.clip or self.text).tokenize(texts)
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.clip is not None:  # CLIP's text embedding
+            return self.clip.text_features(tokens)
         # fully frozen: the sentence vector is cached; otherwise the frozen prefix's token states
         return self.text.prefix_features(tokens, self.text_prefix)
 
     def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.clip is not None:
+            return l2n(self.text_proj(feats["pooled"].float()))
         return l2n(self.text_proj(self.text.pooled_from(feats, self.text_prefix)))
 
     # ---- training ---------------------------------------------------------------------------
@@ -149,4 +203,8 @@ class Lite(RetrievalModel):
 
     # ---- explanations ---------------------------------------------------------------------
     def gradcam_layers(self) -> dict[str, nn.Module]:
+        if self.clip is not None:  # as the clip arch: the block before the last is the preset (the last
+            blocks = self.clip.vision.encoder.layers  # block's patch tokens get no gradient via the class token)
+            order = [i for i in (len(blocks) - 2, len(blocks) - 1) if i >= 0]
+            return {f"clip.tower.clip.vision_model.encoder.layers.{i}": blocks[i] for i in order}
         return backbone_cam_layers(self.backbone, ("head", "s32", "s16"))

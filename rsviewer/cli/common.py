@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Any, Iterable
 
 from ..utils.progress import StderrBar
