@@ -49,6 +49,10 @@ def test_end_to_end_trains_the_towers_saves_them_and_reloads(tmp_path):
         assert not torch.allclose(t, fresh[name]), f"the {name} tower did not learn"
     cfg = read_config(out)
     assert {"backbone.", "text."} <= set(cfg["finetuned"])
+    # a feature cache keyed on the packaged weights' sha256 would now be wrong: the key follows the tuned towers
+    fresh_model = create_model("lite", **LITE)
+    for side in ("image", "text"):
+        assert trained.feature_signature(side)["bases"] != fresh_model.feature_signature(side)["bases"]
     met = json.loads((out / "metrics.json").read_text())
     assert met["trained"] == "end to end" and met["train_config"]["accum"] == 2 and met["processes"] == 1
     # the saved towers are the ones the model was validated with: the val figure reproduces

@@ -212,7 +212,9 @@ class RetrievalModel(nn.Module):
         """What determines ``{side}_features`` output — the feature-cache key."""
         bases = {}
         for prefix, ref in self.bases.items():
-            if ref is not None:
+            if f"{prefix}." in self.finetuned:  # tuned end to end: its trained values decide the features
+                bases[prefix] = _tensor_digest(self.get_submodule(prefix))
+            elif ref is not None:
                 bases[prefix] = ref.sha256
             else:  # random/untrained base (tests): fingerprint the actual tensors
                 mod = self.get_submodule(prefix)
@@ -362,6 +364,17 @@ class RetrievalModel(nn.Module):
         for prefix in self.bases:
             self.get_submodule(prefix).eval()
         return self
+
+
+def _tensor_digest(mod: nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names, shapes and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(mod.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:
