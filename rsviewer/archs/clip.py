@@ -129,9 +129,6 @@ class Clip(RetrievalModel):
         tm = t.clip.text_model if t.kind == "vit" else t.text.text_model
         return tm.embeddings.token_embedding
 
-    def word_embedding_layer(self) -> Optional[nn.Module]:
-        return self.text.embedding
-
     def logit_scale_bias(self) -> tuple[float, float]:
         t = self.tower
         if t.kind == "hf":

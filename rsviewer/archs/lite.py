@@ -93,22 +93,16 @@ class Lite(RetrievalModel):
 
     def _init_clip(self, cfg: LiteConfig) -> None:
         """Heads over a frozen CLIP: the published embeddings are the cached features."""
-        from .clip import _TextInfo
-        from .cmer.clip_branch import ClipBranch  # the frozen CLIP towers, shared with cmer
+        from .clip_branch import ClipBranch  # the frozen CLIP towers, shared with cmer
 
         if cfg.image_train_from or cfg.text_train_layers:
             raise ValueError("lite over a CLIP trains heads on its frozen embeddings: leave image_train_from "
                              "and text_train_layers unset (fine-tune the CLIP with --arch clip --end-to-end)")
         self.clip = ClipBranch(cfg.clip, "none", 0, (), 8, 16.0)
-        cc = self.clip.clip_cfg
-        cfg.clip = str(self.clip.path)  # absolute: the saved model finds it from any folder
-        cfg.image_size, cfg.max_tokens = int(cc.image_size), int(cc.max_tokens)
-        self.mean, self.std = tuple(cc.mean), tuple(cc.std)
+        self.clip.adopt(self)
         self.backbone = None
-        self.text = _TextInfo(self.clip.tokenizer, self.clip.text_model.embeddings.token_embedding)
-        self.bases = {"clip.tower": self.clip.ref}
         self.finetuned = []
-        d = int(cc.embed_dim)
+        d = int(self.clip.clip_cfg.embed_dim)
         self.image_proj = make_head(d, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
         self.text_proj = make_head(d, cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
@@ -118,12 +112,6 @@ class Lite(RetrievalModel):
             raise ValueError("lite over a CLIP trains heads on its frozen embeddings; to fine-tune the CLIP "
                              "itself use --arch clip --end-to-end")
         return super().tune_end_to_end(image_from, text_from)
-
-    def word_embedding_layer(self) -> nn.Module:
-        """The text tower's input word embeddings (the explain engine's word attributions)."""
-        if self.clip is not None:
-            return self.clip.text_model.embeddings.token_embedding
-        return self.text.bert.embeddings.word_embeddings
 
     # ---- image ----------------------------------------------------------------------------
     def feature_maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

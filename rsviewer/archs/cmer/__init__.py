@@ -1,7 +1,7 @@
 """CMER (2024): Focus-Adapter side branch, LoRA text encoder, scene-label prompts in
 training, negative-sample recycling with a difficulty-weighted hinge. See ``model.py``;
-over a frozen CLIP ViT (``--set clip=PATH``): ``clip_branch.py``."""
-from .clip_branch import ClipBranch
+over a frozen CLIP ViT (``--set clip=PATH``): ``archs/clip_branch.py``."""
+from ..clip_branch import ClipBranch
 from .focus import FocusAdapter, FocusLayer
 from .lora import LoRALinear, apply_lora
 from .model import CMER, CMERConfig

@@ -28,7 +28,7 @@ Substitutions (honest, and why):
 
 - **CLIP is optional.** ``--set clip=PATH`` (an OpenAI/open_clip ViT file) runs the paper's
   own setting — frozen CLIP towers, one shared ``W_down``, LoRA on CLIP's text, CLIP's
-  projections as the joint space (``clip_branch.py``). Without it (the default, as
+  projections as the joint space (``archs/clip_branch.py``). Without it (the default, as
   no CLIP weights ship): the paper's CLIP ViT/BERT come with a joint embedding space and
   frozen projections, so it trains only adapters and LoRA. Here the frozen bases are
   EfficientNet-Lite (ImageNet) and MiniLM-L6 (sentence embeddings), which share no
@@ -66,8 +66,7 @@ from ...nets.text import TextEncoder
 from ...train.losses import info_nce, positive_masks, soft_targets
 from ..base import BaseConfig, ExplainMaps, RetrievalModel, backbone_cam_layers, check_query, l2n, make_head
 from ..registry import register
-from ..clip import _TextInfo
-from .clip_branch import ClipBranch
+from ..clip_branch import ClipBranch
 from .focus import FocusAdapter, pool_to
 from .lora import LoRALinear, apply_lora
 from .prompts import DEFAULT_TEMPLATE, augment, readable_label
@@ -111,7 +110,7 @@ class CMERConfig(BaseConfig):
     label_alpha: float = 0.0
     temperature: float = 0.05  # initial τ; learned
     # the paper's main branch: a frozen CLIP ViT (OpenAI/open_clip checkpoint file). When set,
-    # its towers replace EfficientNet-Lite and MiniLM (clip_branch.py); image_size, embed_dim
+    # its towers replace EfficientNet-Lite and MiniLM (archs/clip_branch.py); image_size, embed_dim
     # and max_tokens become the CLIP's own, and stages/pool/head/hidden/image_* are unused
     clip: str = ""
     clip_blocks: str = ""  # ViT blocks feeding the adapters: "" = 4 evenly spaced | "all" (paper) | "3,7,11" | "none"
@@ -196,13 +195,9 @@ class CMER(RetrievalModel):
             raise ValueError("cmer over a CLIP keeps the ViT frozen (image_train_from must be empty)")
         targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
         self.clip = ClipBranch(cfg.clip, cfg.clip_blocks, cfg.lora_layers, targets, cfg.lora_rank, cfg.lora_alpha)
-        cc = self.clip.clip_cfg
-        cfg.clip = str(self.clip.path)  # absolute: the saved model finds it from any folder
-        cfg.image_size, cfg.embed_dim, cfg.max_tokens = int(cc.image_size), int(cc.embed_dim), int(cc.max_tokens)
-        self.mean, self.std = tuple(cc.mean), tuple(cc.std)
+        self.clip.adopt(self)
+        cfg.embed_dim = int(self.clip.clip_cfg.embed_dim)  # no new heads: CLIP's space is the one
         self.backbone = self.image_proj = self.text_proj = None
-        # what the explain engine reads as ``model.text`` (a plain object: no duplicated weights)
-        self.text = _TextInfo(self.clip.tokenizer, self.clip.text_model.embeddings.token_embedding)
         self.stages = [f"b{i}" for i in self.clip.blocks]
         self.shared_down = nn.Conv2d(self.clip.width, cfg.adapter_hidden, 1) if self.stages else None
         self.adapters = nn.ModuleDict(
@@ -217,7 +212,6 @@ class CMER(RetrievalModel):
         root = "clip.tower.clip.text_model.encoder.layers"
         self.finetuned = [f"{root}.{i}.{p}.lora_" for i in range(self.clip.text_prefix, self.clip.num_text_layers)
                           for p in self.clip.lora_paths]
-        self.bases = {"clip.tower": self.clip.ref}
         self.freeze_bases()
 
     def tune_end_to_end(self, image_from: str = "all", text_from: str = "all") -> dict[str, list[str]]:
@@ -225,12 +219,6 @@ class CMER(RetrievalModel):
             raise ValueError("cmer over a CLIP keeps the CLIP frozen, as the paper (only adapters and LoRA train); "
                              "train it on cached features, without --end-to-end")
         return super().tune_end_to_end(image_from, text_from)
-
-    def word_embedding_layer(self) -> nn.Module:
-        """The text tower's input word embeddings (for the explain engine's word attributions)."""
-        if self.clip is not None:
-            return self.clip.text_model.embeddings.token_embedding
-        return self.text.bert.embeddings.word_embeddings
 
     @property
     def _text_api(self):

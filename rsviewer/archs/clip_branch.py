@@ -1,4 +1,5 @@
-"""CMER over a frozen CLIP ViT, as the paper does it (§3, Table 2): ``--set clip=PATH``.
+"""A frozen CLIP ViT as the base of another architecture (``--set clip=PATH``): ``cmer``
+(the paper's own setting, §3, Table 2) and ``lite`` (MLP heads on its embeddings).
 
 The CLIP towers replace EfficientNet-Lite and MiniLM. This module holds the *frozen*
 part (:class:`ClipBranch`): the OpenAI/open_clip-layout ViT built by ``archs/clip.py``,
@@ -12,8 +13,8 @@ its tokenizer, and the cacheable splits of both towers:
   final layer norm and frozen ``text_projection`` — CLIP already has a joint space, so
   no text head is trained (the paper trains only adapters and LoRA).
 
-The trained part (shared ``W_down``, adapters, the residual side projection, LoRA
-A/B, the logit scale) lives in ``model.py``.
+The trained parts live with each architecture (cmer: shared ``W_down``, adapters, the
+residual side projection, LoRA A/B, the logit scale; lite: its MLP heads).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ...errors import ModelError
-from ...nets.weights import WeightsRef
-from .lora import CLIP_TARGETS, apply_lora
+from ..errors import ModelError
+from ..nets.weights import WeightsRef
+from .cmer.lora import CLIP_TARGETS, apply_lora
 
 DEFAULT_TAPS = 4  # evenly spaced blocks when clip_blocks is "": keeps the feature cache small
 
@@ -57,23 +58,23 @@ def causal_mask(n: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 class ClipBranch(nn.Module):
-    """The frozen CLIP ViT of a cmer model (``tower`` is the base, referenced by ``ref``)."""
+    """The frozen CLIP ViT of a cmer or lite model (``tower`` is the base, referenced by ``ref``)."""
 
     def __init__(self, path: str, blocks: str, lora_layers: int, targets: Sequence[str], rank: int, alpha: float):
         super().__init__()
-        from ...nets.clip.hashing import sha256_cached
-        from ...nets.clip.tokenizer import get_tokenizer
-        from ..clip import _HFStyle, _build_tower, config_for
+        from ..nets.clip.hashing import sha256_cached
+        from ..nets.clip.tokenizer import get_tokenizer
+        from .clip import _HFStyle, _build_tower, config_for
 
         p = Path(path).expanduser()
         if not p.exists():
-            raise ModelError(f"the CLIP weights {p} for cmer are missing")
+            raise ModelError(f"the CLIP weights {p} are missing")
         if p.is_dir():
-            raise ModelError(f"{p.name}: cmer over a CLIP takes an OpenAI/open_clip ViT checkpoint file; Hugging Face folders are not supported yet")
+            raise ModelError(f"{p.name}: --set clip takes an OpenAI/open_clip ViT checkpoint file; Hugging Face folders are not supported yet")
         self.path = p.resolve()
         ccfg, _ = config_for(self.path)
         if ccfg.layout != "openai-vit":
-            raise ModelError(f"{p.name} is a {ccfg.layout} CLIP; cmer's Focus-Adapters need a ViT (openai-vit layout)")
+            raise ModelError(f"{p.name} is a {ccfg.layout} CLIP; --set clip needs a ViT (openai-vit layout)")
         self.clip_cfg = ccfg
         self.tower = _build_tower(ccfg, self.path)
         self.ref = WeightsRef(path=str(self.path), sha256=sha256_cached(self.path))
@@ -88,6 +89,19 @@ class ClipBranch(nn.Module):
         self.text_prefix = n - max(0, min(int(lora_layers), n))
         wrapped = apply_lora(list(tm.encoder.layers)[self.text_prefix :], targets, rank, alpha, where=CLIP_TARGETS)
         self.lora_paths = sorted(set(wrapped))
+
+    def adopt(self, model) -> None:
+        """Give ``model`` this CLIP's settings: its absolute path (the saved model finds it from
+        any folder), input size, context, normalisation, the ``model.text`` the explain engine
+        reads, and the CLIP as the one frozen base."""
+        from .clip import _TextInfo
+
+        cc, cfg = self.clip_cfg, model.cfg
+        cfg.clip = str(self.path)
+        cfg.image_size, cfg.max_tokens = int(cc.image_size), int(cc.max_tokens)
+        model.mean, model.std = tuple(cc.mean), tuple(cc.std)
+        model.text = _TextInfo(self.tokenizer, self.text_model.embeddings.token_embedding)
+        model.bases = {"clip.tower": self.ref}
 
     @property
     def clip(self):
@@ -131,7 +145,7 @@ class ClipBranch(nn.Module):
     # ---- text -------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_tokens: Optional[int] = None) -> dict[str, torch.Tensor]:
         """CLIP BPE ids cut after the batch's last end token, and a mask up to each end token."""
-        from ..clip import trim_pads
+        from .clip import trim_pads
 
         ctx = min(int(max_tokens or self.context), self.context)  # positions beyond CLIP's context do not exist
         ids = trim_pads(self.tokenizer_fn(list(texts), ctx)[0])
