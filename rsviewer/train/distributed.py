@@ -82,17 +82,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_flag(info: DistInfo, value: bool) -> bool:
-    """Rank 0's ``value`` on every rank (e.g. "this epoch improved val")."""
-    if not info.active:
-        return value
-    t = torch.tensor([1 if value else 0], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
 def gather_features(info: DistInfo, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Concatenate every rank's (b, ...) tensors in rank order, keeping the gradient path to
     this rank's part (``torch.distributed.nn.all_gather`` is differentiable)."""

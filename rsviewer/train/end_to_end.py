@@ -93,7 +93,7 @@ class EndToEndRunner:
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.images_per_second: Optional[float] = None
 
-    def _batch(self, rows: np.ndarray, epoch: int, micro: int, step: int, total: int, pixels_u8: torch.Tensor):
+    def _batch(self, rows: np.ndarray, epoch: int, step: int, total: int, pixels_u8: torch.Tensor):
         """(pixels, tokens, meta) of one micro-batch: this rank's pixels and tokens, the global metadata."""
         tr, cfg = self.tr, self.cfg
         cap = np.array([tr.image_caps[i][sample_rng(cfg.seed, epoch, i, 2).integers(len(tr.image_caps[i]))] for i in rows])
@@ -125,7 +125,7 @@ class EndToEndRunner:
             check(self.cancel)
             step = epoch * self.steps_per_epoch + m // self.accum
             torch.manual_seed(_step_seed(cfg.seed, epoch, m))  # dropout/sampling inside the heads: same on every rank
-            pixels, tokens, meta = self._batch(rows, epoch, m, step, total, pixels_u8)
+            pixels, tokens, meta = self._batch(rows, epoch, step, total, pixels_u8)
             with autocast(self.device):
                 terms = self.step_module(pixels, tokens, meta)
             loss = terms["loss"]

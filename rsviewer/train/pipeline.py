@@ -101,7 +101,10 @@ class ImageStore:
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (b, 3, S, S) → the model's normalised float input."""
-    x = x.float().div_(255.0)
+    return _standardize(x.float().div_(255.0), mean, std)
+
+
+def _standardize(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
@@ -142,7 +145,4 @@ def augment(x: torch.Tensor, rngs: Sequence[np.random.Generator], ops: tuple[str
             gray = (0.299 * xi[:, 0] + 0.587 * xi[:, 1] + 0.114 * xi[:, 2]).unsqueeze(1)
             xi = ((xi - gray) * float(sat) + gray).clamp(0.0, 1.0)
         out.append(xi)
-    x = torch.cat(out)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    sd = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / sd
+    return _standardize(torch.cat(out), mean, std)
