@@ -362,7 +362,8 @@ class MainWindow(QMainWindow):
             else:
                 from .util import load_plain
 
-                res = search_image(model, index, load_plain(q.value) or q.value, max(k, 10), labels=opts["labels"])
+                image = load_plain(q.value, model.image_size) or q.value
+                res = search_image(model, index, image, max(k, 10), labels=opts["labels"])
                 res.query = q.value
                 gt, qrow = state.image_ground_truth(index, q.value), state.gallery_row_of(index, q.value)
             return res, gt, qrow, time.perf_counter() - t0

@@ -105,8 +105,9 @@ class _ThumbJob(QRunnable):
         self.path, self.size, self.signals = path, size, signals
 
     def run(self) -> None:
-        from .workers import plain_message
+        from .workers import background_priority, plain_message
 
+        background_priority()
         try:
             self.signals.ready.emit(self.path, pil_to_qimage(load_thumb(self.path, self.size)))
         except Exception as e:  # noqa: BLE001 - an unreadable file is a "no preview" line, never a crash
@@ -160,37 +161,85 @@ def load_hit_image(hit, side: Optional[int] = None) -> Image.Image:
     return load_image(hit.path)
 
 
-def load_preview(path, side: int) -> Image.Image:
-    """An RGB image whose longest side is at most ``side``, decoded as cheaply as the
-    format allows: JPEG at 1/2, 1/4 or 1/8 scale (``draft``); 8-bit RGB/L PNG, BMP, WebP…
-    decoded then ``reduce``d in place (no full-size copy: copying holds the GIL and
-    would stall the GUI thread); anything else (16-bit, TIFF, EXIF-rotated, alpha)
-    through ``load_image``. No full-resolution QImage is ever made, so images past
-    Qt's 256 MB image limit preview too. For worker threads."""
+def _open_plain(path) -> Optional[Image.Image]:
+    """``path`` opened (header only) when it is a plain 8-bit RGB/L single-frame file within
+    the pixel limit, without transparency or an EXIF rotation; ``None`` otherwise (the
+    caller then goes through ``load_image``, which handles all of those). A PNG's EXIF is
+    read only when it precedes the pixels: ``PngImageFile.getexif()`` decodes the whole
+    image to look behind them, the very cost this path avoids."""
     import warnings
 
-
-    from ..data import load_image
     from ..data.images import max_pixels
 
-    im = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked against our own limit below
         try:
             src = Image.open(path)
         except (OSError, ValueError, Image.DecompressionBombError):
-            src = None  # load_image says why, in one line
-        if src is not None:
-            with src:
-                w, h = src.size
-                plain = src.mode in ("RGB", "L") and w * h <= max_pixels() and \
-                    "transparency" not in src.info and src.getexif().get(0x0112, 1) == 1
-                if plain and src.format == "JPEG":
-                    src.draft(src.mode, (side, side))
-                if plain:
-                    src.load()
-                    factor = max(1, min(src.width, src.height) // max(1, side))
-                    im = (src.reduce(factor) if factor > 1 else src.copy()).convert("RGB")
+            return None  # load_image says why, in one line
+    try:
+        w, h = src.size
+        if src.mode in ("RGB", "L") and w * h <= max_pixels() and "transparency" not in src.info and \
+                _orientation(src) == 1 and getattr(src, "n_frames", 1) == 1:
+            return src
+    except (OSError, ValueError, SyntaxError):  # a broken header: load_image reports it
+        pass
+    src.close()
+    return None
+
+
+def _orientation(src: Image.Image) -> int:
+    if src.format != "PNG":
+        return src.getexif().get(0x0112, 1)
+    raw = src.info.get("exif")  # getexif() would decode the whole PNG to look past its pixels
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(0x0112, 1)
+
+
+def _decode_reduced(path, keep: int) -> Optional[Image.Image]:
+    """A plain image decoded by OpenCV and box-reduced by the largest integer factor that
+    keeps its shorter side ≥ ``keep`` — Pillow's ``reduce``, which ``resize(reducing_gap=…)``
+    also starts with. OpenCV decodes and reduces with the GIL released; Pillow holds it
+    while it allocates (and zeroes) a full-size image, ~100 ms for 7000² on which the GUI
+    thread waits. JPEGs are decoded at 1/2, 1/4 or 1/8 scale where that still keeps ``keep``.
+    ``None`` when OpenCV cannot read the file (the caller falls back to Pillow)."""
+    import cv2
+
+    src = _open_plain(path)
+    if src is None:
+        return None
+    with src:
+        w, h, fmt = src.width, src.height, src.format
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # orientation 1 checked by _open_plain
+    scale = 1
+    if fmt == "JPEG":
+        for s, f in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2)):
+            if min(w, h) // s >= keep:
+                flags, scale = f | cv2.IMREAD_IGNORE_ORIENTATION, s
+                break
+    try:
+        arr = cv2.imread(str(path), flags)
+    except cv2.error:
+        return None
+    if arr is None:
+        return None
+    factor = max(1, min(arr.shape[:2]) // max(1, keep))
+    if factor > 1:
+        arr = cv2.resize(arr, (arr.shape[1] // factor, arr.shape[0] // factor), interpolation=cv2.INTER_AREA)
+    return Image.fromarray(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB))
+
+
+def load_preview(path, side: int) -> Image.Image:
+    """An RGB image whose longest side is at most ``side``, decoded as cheaply as the
+    format allows, off the GIL for plain 8-bit files (:func:`_decode_reduced`); anything
+    else (16-bit, TIFF, EXIF-rotated, alpha) through ``load_image``. No full-resolution
+    QImage is ever made, so images past Qt's 256 MB image limit preview too. For worker threads."""
+    from ..data import load_image
+
+    im = _decode_reduced(path, side)
     if im is None:
         im = load_image(path)  # applies EXIF rotation, alpha, 16-bit stretch
         factor = max(1, min(im.width, im.height) // max(1, side))
@@ -200,32 +249,21 @@ def load_preview(path, side: int) -> Image.Image:
     return im
 
 
-def load_plain(path) -> Optional[Image.Image]:
-    """A plain 8-bit RGB file (no EXIF rotation, no transparency, within the pixel
-    limit) decoded without the extra full-size copy ``load_image`` makes — the same
-    pixels, but no ~100 ms GIL hold that stalls the GUI thread on a 7000² image.
-    None for anything else: the caller passes the path to the engine instead."""
-    import warnings
-
-    from ..data.images import max_pixels
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(path)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None
-        try:
-            w, h = im.size
-            if im.mode != "RGB" or w * h > max_pixels() or "transparency" in im.info or \
-                    im.getexif().get(0x0112, 1) != 1 or getattr(im, "n_frames", 1) != 1:
-                im.close()
-                return None
-            im.load()  # a single-frame file opened by name: Pillow closes the file itself
-            return im
-        except (OSError, ValueError):
-            im.close()
-            return None  # truncated/corrupt: load_image says why, in one line
+def load_plain(path, model_side: Optional[int] = None) -> Optional[Image.Image]:
+    """A plain 8-bit RGB file for an image query, decoded off the GIL; with ``model_side``,
+    box-reduced first while its shorter side stays ≥ 3 × ``model_side`` (Pillow's
+    ``reducing_gap=3``: the model's bicubic resize then sees the same picture — cosine to
+    the full-size path measured in tests). None for anything else: the caller passes the
+    path to the engine instead."""
+    src = _open_plain(path)
+    if src is None:
+        return None
+    src.close()
+    if model_side:
+        return _decode_reduced(path, 3 * model_side)
+    im = Image.open(path)
+    im.load()  # a single-frame file opened by name: Pillow closes the file itself
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def save_file(write, path, report) -> Optional[Path]:
