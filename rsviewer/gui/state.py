@@ -439,7 +439,7 @@ _warmed = threading.Event()
 
 
 def warm_up(progress=None) -> None:
-    """Import the embedding map's heavy libraries once, in the first load's worker.
+    """Import the heavy libraries of the map, explanations and localization once, in the first load's worker.
 
     Importing scikit-learn / openTSNE holds the GIL for up to a second while their
     extension modules initialise; done on the first map it froze the GUI thread,
@@ -451,7 +451,11 @@ def warm_up(progress=None) -> None:
 
     if progress:
         progress(0, 0, "preparing the embedding map")
-    for name in ("sklearn.decomposition", "sklearn.neighbors", "openTSNE"):
+    # the explain and localize engines are imported by the details dock and the Scene tab on
+    # the GUI thread (≈1 s for explain); imported here first, those imports are free
+    # cv2 decodes thumbnails and previews: imported by the first one, it held the GIL ~100 ms
+    for name in ("cv2", "rsviewer.explain", "rsviewer.localize", "sklearn.decomposition", "sklearn.neighbors",
+                 "openTSNE"):
         try:
             importlib.import_module(name)
         except ImportError:  # optional: the map lists only the methods it has
