@@ -95,6 +95,18 @@ class ResultDelegate(QStyledItemDelegate):
         self.model = model
         self.thumb = thumb
         self._elided: dict[tuple, str] = {}
+        self._sized: dict[tuple, QPixmap] = {}  # (pixmap, side) → scaled copy
+
+    def _scaled(self, pm: QPixmap, side: int) -> QPixmap:
+        """``pm`` fitted in side×side, smoothly, once: scaling every thumbnail on every
+        repaint was a third of a repaint's cost (and repaints are what stall the GUI thread)."""
+        key = (pm.cacheKey(), side)
+        out = self._sized.get(key)
+        if out is None:
+            if len(self._sized) > 2000:
+                self._sized.clear()
+            out = self._sized[key] = pm.scaled(side, side, Qt.KeepAspectRatio, Qt.SmoothTransformation)
+        return out
 
     def sizeHint(self, option, index) -> QSize:  # noqa: N802
         return QSize(self.thumb + CELL_W - THUMB, self.thumb + CELL_H - THUMB)
@@ -121,7 +133,7 @@ class ResultDelegate(QStyledItemDelegate):
         key = thumb_key(h)
         pm = thumbs().get(key)
         if pm is not None and not pm.isNull():
-            scaled = pm.scaled(T, T, Qt.KeepAspectRatio, Qt.SmoothTransformation)
+            scaled = self._scaled(pm, T)
             x = img_rect.x() + (T - scaled.width()) // 2
             y = img_rect.y() + (T - scaled.height()) // 2
             p.drawPixmap(x, y, scaled)
