@@ -84,6 +84,9 @@ class _TileJob(QRunnable):
         self.scene, self.key, self.rect, self.out, self.signals, self.gen = scene, key, rect, out, signals, gen
 
     def run(self) -> None:
+        from .workers import background_priority
+
+        background_priority()
         try:
             x, y, w, h = self.rect
             arr = self.scene.read_region(x, y, w, h, out_size=self.out)
