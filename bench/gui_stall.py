@@ -45,13 +45,32 @@ class _StallSampler:
         import threading
 
         self.ticks, self.samples, self.main = ticks, samples, threading.main_thread().ident
+        self._schedstat = f"/proc/self/task/{threading.main_thread().native_id}/schedstat"
+        # [wall, on a CPU, runnable but waiting for a CPU] seconds while stalled: working, starved of
+        # cores, or asleep (the GIL, a lock)?
+        self.stalled = [0.0, 0.0, 0.0]
         threading.Thread(target=self._run, daemon=True).start()
 
+    def _sched(self) -> tuple[float, float]:
+        try:  # Linux: the thread's time on a CPU and time runnable on a run queue, in ns
+            with open(self._schedstat) as f:
+                run, wait = f.read().split()[:2]
+            return int(run) / 1e9, int(wait) / 1e9
+        except (OSError, ValueError):
+            return float("nan"), float("nan")
+
     def _run(self) -> None:
+        last = None  # (wall, on-cpu) at the previous stalled sample
         while True:
             time.sleep(0.005)
             if not self.ticks or time.perf_counter() - self.ticks[-1] < 0.030:
+                last = None
                 continue
+            now = (time.perf_counter(), *self._sched())
+            if last is not None:
+                for i in range(3):
+                    self.stalled[i] += now[i] - last[i]
+            last = now
             frame = sys._current_frames().get(self.main)
             if frame is None:
                 continue
@@ -102,6 +121,8 @@ def main(argv=None) -> int:
     def measure(action, cond, name="") -> float:
         ticks.clear()
         samples.clear()
+        if sampler is not None:
+            sampler.stalled[:] = [0.0, 0.0, 0.0]
         timer.start()
         ticks.append(time.perf_counter())
         action()
@@ -109,7 +130,11 @@ def main(argv=None) -> int:
         ticks.append(time.perf_counter())
         timer.stop()
         if sampler is not None and samples:
-            print(f"-- {name}: GUI-thread frames while stalled (5 ms samples)", file=sys.stderr)
+            wall, cpu, queued = sampler.stalled
+            wall = max(wall, 1e-9)
+            print(f"-- {name}: GUI-thread frames while stalled (5 ms samples); stalled {wall * 1000:.0f} ms: "
+                  f"GUI thread on a CPU {cpu / wall:.0%}, waiting for a CPU {queued / wall:.0%}, asleep "
+                  f"(GIL or lock) {max(0.0, 1 - (cpu + queued) / wall):.0%}", file=sys.stderr)
             for frame, n in sorted(samples.items(), key=lambda kv: -kv[1])[:12]:
                 print(f"  {n:4d}  {frame}", file=sys.stderr)
         return float(np.diff(ticks).max() * 1000)
