@@ -323,7 +323,7 @@ def test_scene_localize_and_cancel(win, qtbot, tmp_path):
     win.scene.save_overlay(tmp_path / "overlay.png")
     assert (tmp_path / "overlay.png").stat().st_size > 1000
     # a second run, cancelled from the status bar at once: it must end cancelled, promptly
-    win.scene.result = None
+    win.scene.clear_localization()
     win.scene.windows.setCurrentText("128, 256 px")
     win.scene.query.setText("a river next to the trees")
     win.scene.run_localize()

@@ -549,3 +549,126 @@ def test_16bit_tiff_without_tifffile_says_how_to_read_it(win, qtbot, tmp_path, c
     monkeypatch.undo()
     assert images.read_hint(path) is None  # with tifffile installed there is nothing to say
     no_traceback(capfd)
+
+
+# ------------------------------------------------------------------ the Scene tab: state in the session
+
+
+def _mosaic(tmp_path, name: str, offset: int = 0) -> Path:
+    """A 512² scene of four real demo images."""
+    from PIL import Image
+
+    paths = sorted((DEMO.parent / "images").glob("*.jpg"))[offset:offset + 4]
+    canvas = Image.new("RGB", (512, 512))
+    for i, p in enumerate(paths):
+        canvas.paste(Image.open(p).convert("RGB").resize((256, 256)), ((i % 2) * 256, (i // 2) * 256))
+    canvas.save(tmp_path / name)
+    return tmp_path / name
+
+
+def open_scene(w, qtbot, path):
+    w.tabs.setCurrentWidget(w.scene)
+    w.scene.open_scene(path)
+    qtbot.waitUntil(lambda: w.scene.scene_path is not None and w.scene.scene_path.name == path.name
+                    and not w.jobs.busy("scene-open"), timeout=WAIT)
+
+
+class Gate:
+    """``rsviewer.localize.localize`` held until ``release()``: the job is in flight for as
+    long as the test needs (the real function then runs)."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        import rsviewer.localize as loc
+
+        self.entered, self.go, real = threading.Event(), threading.Event(), loc.localize
+
+        def gated(*a, **k):
+            self.entered.set()
+            self.go.wait(60)
+            return real(*a, **k)
+
+        monkeypatch.setattr(loc, "localize", gated)
+
+    def release(self):
+        self.go.set()
+
+
+def start_localize(w, qtbot, text="a parking lot with many cars"):
+    w.scene.query.setText(text)
+    w.scene.windows.setCurrentText("256 px")
+    w.scene.run_localize()
+    assert w.jobs.busy("localize")
+
+
+def test_localization_of_a_replaced_model_is_never_drawn(win, qtbot, tmp_path, model_copy, monkeypatch, capfd):
+    open_scene(win, qtbot, _mosaic(tmp_path, "a.png"))
+    gate = Gate(monkeypatch)
+    start_localize(win, qtbot)
+    assert gate.entered.wait(30)
+    old = win.model
+    win.set_model(str(model_copy))
+    qtbot.waitUntil(lambda: win.model is not old and not win.jobs.busy("load"), timeout=WAIT)
+    gate.release()
+    qtbot.waitUntil(lambda: not win.jobs.busy("localize"), timeout=WAIT)
+    qtbot.wait(200)
+    assert win.scene.result is None and win.scene.heat_item is None  # the old model's map is not shown
+    assert "press Localize" in win.scene.info.text(), win.scene.info.text()
+    assert "cancelled" not in win.scene.info.text() and not any("cancelled" in m for m in win.messages)
+    # run again: the map is the new model's, and a model change clears it (the scene stays)
+    start_localize(win, qtbot)
+    qtbot.waitUntil(lambda: win.scene.result is not None, timeout=WAIT)
+    assert win.scene.localization.key[0] == id(win.model) and win.scene.heat_item is not None
+    win.set_model("default")
+    qtbot.waitUntil(lambda: win.model is old and not win.jobs.busy("load"), timeout=WAIT)
+    assert win.scene.result is None and win.scene.heat_item is None and win.scene.scene_path.name == "a.png"
+    assert not win.scene.save_button.isEnabled()
+    no_traceback(capfd)
+
+
+def test_localization_of_a_replaced_scene_is_never_drawn(win, qtbot, tmp_path, monkeypatch, capfd):
+    open_scene(win, qtbot, _mosaic(tmp_path, "a.png"))
+    gate = Gate(monkeypatch)
+    start_localize(win, qtbot)
+    assert gate.entered.wait(30)
+    open_scene(win, qtbot, _mosaic(tmp_path, "b.png", offset=8))
+    gate.release()
+    qtbot.waitUntil(lambda: not win.jobs.busy("localize"), timeout=WAIT)
+    qtbot.wait(200)
+    assert win.scene.scene_path.name == "b.png"
+    assert win.scene.result is None and win.scene.heat_item is None
+    assert "b.png" in win.scene.info.text() and "cancelled" not in win.scene.info.text()
+    no_traceback(capfd)
+
+
+def test_scene_save_goes_through_the_status_line_and_names_what_was_localized(win, qtbot, tmp_path, monkeypatch,
+                                                                             capfd):
+    scene = _mosaic(tmp_path, "scene.png")
+    polygon = [[[0, 0], [256, 0], [256, 256], [0, 256]]]
+    (tmp_path / "anno.json").write_text(json.dumps([{"caption": "a parking lot with many cars", "jpg_name":
+                                                     "scene.png", "label": "parking", "points": polygon}]))
+    open_scene(win, qtbot, scene)
+    assert win.session.scene_anno() and win.scene.anno_combo.isVisible()  # the session holds the annotations
+    start_localize(win, qtbot)
+    qtbot.waitUntil(lambda: win.scene.result is not None, timeout=WAIT)
+    loc = win.scene.localization
+    assert loc.text == "a parking lot with many cars" and loc.metrics and loc.model_name == win.model.name
+    win.scene.query.setText("a river")  # edited after the run: the saved overlay is still the parking lot's
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    target = {"path": str(blocker / "overlay.png")}
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (target["path"], "")))
+    win.save_current()  # Ctrl+S on the Scene tab
+    assert "could not save" in win.last_error and "overlay.png" in win.last_error
+    target["path"] = str(tmp_path / "overlay.png")
+    win.save_current()
+    assert (tmp_path / "overlay.png").stat().st_size > 1000 and any("saved" in m for m in win.messages)
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left behind
+    # a malformed anno.json keeps the annotations the session has
+    bad = tmp_path / "other" / "anno.json"
+    bad.parent.mkdir()
+    bad.write_text('[{"caption": 3}]')
+    assert not win.open_anno(bad)
+    assert win.session.scene_anno() and "anno.json" in win.last_error
+    no_traceback(capfd)

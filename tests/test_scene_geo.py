@@ -49,7 +49,7 @@ def test_scene_view_georeferenced(scene_widget, qtbot, tmp_path):
     w.view.zoom(4.0)  # tiles refine on zoom, from the overview or full resolution
     qtbot.waitUntil(lambda: bool(w.item.tiles), timeout=WAIT)
 
-    w.set_model(load_model("default"))
+    w.session.model = load_model("default")  # a standalone tab: its own session
     w.query.setText(HARBOR)
     w.windows.setCurrentText("256 px")
     w.run_localize()

@@ -55,7 +55,7 @@ class MainWindow(QMainWindow):
         self.results = ResultsGrid()
         self.map = MapWidget(self.jobs, self.session)
         self.map.status.connect(self.report)
-        self.scene = SceneWidget(self.jobs)
+        self.scene = SceneWidget(self.jobs, self.session)
         self.compare = CompareWidget(self.jobs)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(False)
@@ -246,7 +246,6 @@ class MainWindow(QMainWindow):
         self.panel.set_labels(index.labels)
         self.panel.info.setText(self._model_info(model))
         self.details.set_model(model)
-        self.scene.set_model(model)
         self.map.set_index(index)
         self.results.set_result(None, None, f"Ready: {len(index):,} images. Type a query or drop an image.")
         self.show_message(f"loaded {name} and {state.gallery_label(gallery_spec)} in {secs:.1f} s")
@@ -547,13 +546,11 @@ class MainWindow(QMainWindow):
 
     def open_anno(self, path: Path) -> bool:
         """Load a SeLo anno.json for the scene; a malformed file is one line, the old annotations stay."""
-        old = list(self.scene.anno)
         try:
-            self.scene.load_anno(path)
+            self.scene.load_anno(path)  # parsed in full before it replaces the session's annotations
         except Exception as e:  # noqa: BLE001 - any parse/shape error of a user's file is reported, not raised
             if not isinstance(e, (RsviewerError, OSError, ValueError)):
                 log.warning("reading %s failed", path, exc_info=True)
-            self.scene.anno = old
             self.show_error(f"Could not read the annotations {Path(path).name}: {plain_message(e)}")
             return False
         return True
@@ -566,10 +563,7 @@ class MainWindow(QMainWindow):
                 self.map._save_png_dialog()
         elif w is self.scene:
             if self.scene.result is not None:
-                try:
-                    self.scene._save_dialog()
-                except Exception as e:  # noqa: BLE001 - scene_view writes itself; report, never raise
-                    self.show_error(f"could not save: {plain_message(e)}")
+                self.scene.save_dialog(self.report)
         elif self.details.expl is not None and self.dock.isVisible() and self.details.isAncestorOf(
                 self.focusWidget() or self):
             self.details.save_dialog()

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGraphicsItem,
                                QPushButton, QSlider, QVBoxLayout, QWidget)
 
 from ..data import load_image
+from .state import Localization
 from .util import colorize, rgb_to_qimage
 
 TILE = 512
@@ -221,20 +222,26 @@ class SceneGraphicsView(QGraphicsView):
 
 
 class SceneWidget(QWidget):
-    def __init__(self, jobs, parent=None):
+    """Renders the session's scene, annotations and localization, and sends it intents.
+
+    The state (scene, annotations, localization and what it was computed for) lives in
+    :class:`state.Session`; this widget keeps only what it draws: the thumbnail, the
+    tiles and the graphics items. A localization is applied only if it still belongs to
+    the open scene and the loaded model."""
+
+    def __init__(self, jobs, session=None, parent=None):
         super().__init__(parent)
+        from .state import Session
+
         self.jobs = jobs
-        self.model = None
-        self.scene_obj = None
-        self.scene_path: Optional[Path] = None
+        self.session = session if session is not None else Session()
         self.item: Optional[TiledSceneItem] = None
         self.thumb_rgb: Optional[np.ndarray] = None
-        self.result = None
         self.heat_item: Optional[QGraphicsPixmapItem] = None
         self.poly_items: list = []
         self.region_items: list = []
-        self.anno: list[dict] = []
-        self.metrics: Optional[dict] = None
+        self._regions_source = ""  # whose outlines region_items are: "result" (the localization's) or not
+        self._note = ""  # what opening the scene did (built overviews), for its info line
         self._gen = 0
         self.pool = QThreadPool(self)
         self.pool.setMaxThreadCount(2)
@@ -288,7 +295,7 @@ class SceneWidget(QWidget):
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip("Overlay (.png/.jpg), probability map as a COG in the scene's CRS (.tif), "
                                     "or the top regions as GeoJSON (.geojson)")
-        self.save_button.clicked.connect(self._save_dialog)
+        self.save_button.clicked.connect(lambda: self.save_dialog())
         self.save_button.setEnabled(False)
         second.addWidget(self.anno_combo, 1)
         second.addWidget(QLabel("Windows"))
@@ -318,9 +325,64 @@ class SceneWidget(QWidget):
         self.coords.setTextInteractionFlags(Qt.TextSelectableByMouse)
         lay.addWidget(self.coords)
         self._pending_box = None
+        ev = self.session.events
+        ev.connect("model", self._model_changed)
+        ev.connect("scene", lambda sc: self._render_scene())
+        ev.connect("anno", self._fill_anno_combo)
+        ev.connect("localization", self._render_localization)
 
-    def set_model(self, model) -> None:
-        self.model = model
+    # ---- read-only views of the session
+    @property
+    def model(self):
+        return self.session.model
+
+    @property
+    def scene_obj(self):
+        return self.session.scene
+
+    @property
+    def scene_path(self) -> Optional[Path]:
+        return self.session.scene_path
+
+    @property
+    def anno(self) -> list[dict]:
+        return self.session.anno
+
+    @property
+    def localization(self):
+        return self.session.localization
+
+    @property
+    def result(self):
+        loc = self.session.localization
+        return loc.result if loc is not None else None
+
+    @property
+    def metrics(self) -> Optional[dict]:
+        loc = self.session.localization
+        return loc.metrics if loc is not None else None
+
+    @property
+    def heat(self) -> Optional[np.ndarray]:
+        loc = self.session.localization
+        return loc.heat if loc is not None else None
+
+    def clear_localization(self) -> None:
+        self.session.clear_localization()
+
+    def _model_changed(self) -> None:
+        """A localization running for the old model is stopped (its map would be the old
+        model's); one on screen from the old model is cleared by the session. Say so."""
+        ses = self.session
+        t = ses.jobs.get("localize")
+        running = t is not None and t.key[0] != id(ses.model)
+        if running:
+            self.jobs.drop("localize")
+            ses.end(t)
+        loc = ses.localization
+        if ses.scene is not None and (running or (loc is not None and loc.key[0] != id(ses.model))):
+            name = getattr(ses.model, "name", "the new model")
+            self.info.setText(f"The model is now {name}: press Localize to run the query with it.")
 
     def _tile_ready(self, gkey, img: QImage) -> None:
         gen, key = gkey
@@ -338,11 +400,13 @@ class SceneWidget(QWidget):
         """Open a scene; ``box`` = (x, y, w, h) in scene pixels: centre the view on it
         (a tile-index hit)."""
         path = Path(path)
-        self.info.setText(f"opening {path.name}…")
         if box is not None and self.scene_path is not None and path.resolve() == self.scene_path.resolve():
             self.show_box(box)  # already open: just move there
             return
+        self.info.setText(f"opening {path.name}…")
         self._pending_box = box
+        ses = self.session
+        ticket = ses.begin("scene", (str(path),))
 
         def work(progress, cancel):
             progress(0, 2, "reading header")
@@ -361,24 +425,51 @@ class SceneWidget(QWidget):
             progress(2, 2, "thumbnail")
             return sc, np.asarray(th.convert("RGB")), note
 
-        self.jobs.start(f"Open scene {path.name}", work, lambda out, p=path: self._opened(p, *out),
-                        lambda msg: self.info.setText(f"Could not open the scene: {msg}"), slot="scene-open")
+        def failed(msg):
+            if ses.accepts(ticket, ticket.key):
+                ses.end(ticket)
+                self.info.setText(f"Could not open the scene {path.name}: {msg}")  # the open scene stays
 
-    def _opened(self, path: Path, sc, thumb_rgb: np.ndarray, note: str = "") -> None:
-        old = self.scene_obj
+        self.jobs.start(f"Open scene {path.name}", work, lambda out: self._opened(ticket, path, *out), failed,
+                        slot="scene-open")
+
+    def _opened(self, ticket, path: Path, sc, thumb_rgb: np.ndarray, note: str = "") -> None:
+        ses = self.session
+        if not ses.accepts(ticket, ticket.key):
+            if hasattr(sc, "close"):
+                sc.close()
+            return
+        ses.end(ticket)
+        old = ses.scene
         if old is not None and old is not sc and hasattr(old, "close"):
             self.pool.waitForDone(2000)  # tiles still reading from the old scene
             old.close()
+        t = ses.jobs.get("localize")
+        if t is not None:  # a localization of the old scene: nobody wants it now
+            self.jobs.drop("localize")
+            ses.end(t)
+        self.thumb_rgb, self._note = thumb_rgb, note
+        ses.scene_opened(path, sc)  # → _render_scene, _render_localization(None)
+        # an anno.json next to the scene (or one folder up) is picked up automatically
+        if not ses.anno:
+            for cand in (path.parent / "anno.json", path.parent.parent / "anno.json"):
+                if cand.exists():
+                    try:
+                        self.load_anno(cand)
+                    except Exception:  # noqa: BLE001 - a bad sidecar file is not the scene's problem
+                        pass
+                    break
+        self._fill_anno_combo()
+
+    def _render_scene(self) -> None:
+        sc, path, note = self.session.scene, self.session.scene_path, self._note
         self._gen += 1
-        self.scene_obj, self.scene_path, self.thumb_rgb = sc, path, thumb_rgb
-        self.result = None
-        self.metrics = None
         self.gscene.clear()
         self.heat_item = None
         self.poly_items = []
         self.region_items = []
-        self.item = TiledSceneItem(sc, QPixmap.fromImage(rgb_to_qimage(thumb_rgb)), self.pool, self.tile_signals,
-                                   self._gen)
+        self.item = TiledSceneItem(sc, QPixmap.fromImage(rgb_to_qimage(self.thumb_rgb)), self.pool,
+                                   self.tile_signals, self._gen)
         self.gscene.addItem(self.item)
         self.gscene.setSceneRect(self.item.boundingRect())
         self.view.fit()
@@ -390,16 +481,6 @@ class SceneWidget(QWidget):
         if self._pending_box is not None:
             box, self._pending_box = self._pending_box, None
             self.show_box(box)
-        # an anno.json next to the scene (or one folder up) is picked up automatically
-        if not self.anno:
-            for cand in (path.parent / "anno.json", path.parent.parent / "anno.json"):
-                if cand.exists():
-                    try:
-                        self.load_anno(cand)
-                    except Exception:  # noqa: BLE001
-                        pass
-                    break
-        self._fill_anno_combo()
 
     def show_box(self, box) -> None:
         """Centre the view on ``box`` = (x, y, w, h) scene px and outline it."""
@@ -432,11 +513,13 @@ class SceneWidget(QWidget):
     def _hovered(self, x: float, y: float) -> None:
         self.coords.setText(self.coords_text(x, y))
 
-    def _draw_regions(self, polys_px: list, labels: list) -> None:
-        """Outline regions given as lists of rings of scene-pixel (x, y)."""
+    def _draw_regions(self, polys_px: list, labels: list, source: str = "user") -> None:
+        """Outline regions given as lists of rings of scene-pixel (x, y); ``source`` says
+        whose they are ("result": the localization's, cleared with it)."""
         for it in self.region_items:
             self.gscene.removeItem(it)
         self.region_items = []
+        self._regions_source = source
         pen = QPen(QColor("#facc15"), 2, Qt.DashLine)
         pen.setCosmetic(True)
         for rings, label in zip(polys_px, labels):
@@ -453,7 +536,8 @@ class SceneWidget(QWidget):
             return 0
         regs = self.result.regions(threshold, top)
         self._draw_regions([r["rings"][0] for r in regs if r["rings"]],
-                           [f"#{r['rank']}: max {r['score_max']:.2f}, mean {r['score_mean']:.2f}" for r in regs])
+                           [f"#{r['rank']}: max {r['score_max']:.2f}, mean {r['score_mean']:.2f}" for r in regs],
+                           source="result")
         return len(regs)
 
     def load_geojson(self, path) -> int:
@@ -502,12 +586,14 @@ class SceneWidget(QWidget):
                 self.info.setText(f"could not draw {Path(path).name}: {plain_message(e)}")
 
     def load_anno(self, path) -> None:
+        """Replace the session's annotations with a SeLo anno.json; a file that does not
+        parse raises and leaves the old ones in place."""
         mod, _ = localize_module()
         if mod is not None and hasattr(mod, "load_anno"):
-            self.anno = list(mod.load_anno(path))
+            entries = list(mod.load_anno(path))
         else:
-            self.anno = json.loads(Path(path).read_text())
-        self._fill_anno_combo()
+            entries = json.loads(Path(path).read_text())
+        self.session.set_anno(entries)  # → _fill_anno_combo
 
     def _anno_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open SeLo annotations", "", "JSON (*.json)")
@@ -520,9 +606,7 @@ class SceneWidget(QWidget):
                 self.info.setText(f"Could not read the annotations: {plain_message(e)}")
 
     def scene_anno(self) -> list[dict]:
-        if self.scene_path is None:
-            return []
-        return [a for a in self.anno if a.get("jpg_name") == self.scene_path.name]
+        return self.session.scene_anno()
 
     def _fill_anno_combo(self) -> None:
         entries = self.scene_anno()
@@ -540,8 +624,7 @@ class SceneWidget(QWidget):
             self.show_polygons(cap)
 
     def polygons_for(self, caption: str) -> list:
-        t = caption.strip().lower()
-        return [poly for a in self.scene_anno() if a["caption"].strip().lower() == t for poly in a["points"]]
+        return self.session.polygons_for(caption)
 
     def show_polygons(self, caption: str) -> None:
         for it in self.poly_items:
@@ -573,9 +656,12 @@ class SceneWidget(QWidget):
         if self.model is None:
             self.info.setText("The model is still loading…")
             return
-        model, sc, windows = self.model, self.scene_obj, WINDOW_PRESETS[self.windows.currentText()]
+        ses = self.session
+        model, sc, windows = ses.model, ses.scene, WINDOW_PRESETS[self.windows.currentText()]
         th_h, th_w = self.thumb_rgb.shape[:2]
-        polys = self.polygons_for(text)
+        polys = ses.polygons_for(text)
+        key = ses.localize_key(text, windows)
+        ticket = ses.begin("localize", key)
 
         def work(progress, cancel):
             res = mod.localize(model, sc, text, window_sizes=windows, progress=progress, cancel=cancel)
@@ -583,19 +669,35 @@ class SceneWidget(QWidget):
             metrics = None
             if polys and hasattr(mod, "selo_metrics"):
                 metrics = mod.selo_metrics(res.prob, polys, res.scene_size)
-            return sc, res, heat, metrics
+            return res, heat, metrics
+
+        def done(out):
+            if not ses.accepts(ticket, ses.localize_key(text, windows)):
+                return  # another scene or model by now: dropped silently
+            ses.end(ticket)
+            res, heat, metrics = out
+            ses.localized(Localization(res, heat, metrics, text, tuple(windows), getattr(model, "name", None), key))
+
+        def ended(line):
+            if ses.accepts(ticket, ses.localize_key(text, windows)):
+                ses.end(ticket)
+                self.info.setText(line)
 
         self.info.setText(f"localizing “{text}”…")
         self.show_polygons(text)
-        self.jobs.start("Localize", work, self._localized, lambda msg: self.info.setText(f"Localization failed: {msg}"),
-                        slot="localize", on_cancel=lambda: self.info.setText("localization cancelled"))
+        self.jobs.start("Localize", work, done, lambda msg: ended(f"Localization failed: {msg}"), slot="localize",
+                        on_cancel=lambda: ended("localization cancelled"))
 
-    def _localized(self, out) -> None:
-        sc, res, heat, metrics = out
-        if sc is not self.scene_obj:
+    def _render_localization(self, loc) -> None:
+        if loc is None:
+            if self.heat_item is not None:
+                self.gscene.removeItem(self.heat_item)
+                self.heat_item = None
+            if self._regions_source == "result":
+                self._draw_regions([], [])  # a hit's box or a GeoJSON stays
+            self.save_button.setEnabled(False)
             return
-        self.result, self.metrics = res, metrics
-        self.heat = heat
+        res, metrics = loc.result, loc.metrics
         self._draw_heat()
         m = ""
         if metrics:
@@ -610,7 +712,7 @@ class SceneWidget(QWidget):
             self.info.setText(self.info.text() + f" · {n} region(s) ≥ 0.5 outlined")
 
     def _draw_heat(self) -> None:
-        if self.heat_item is not None:
+        if self.heat_item is not None and self.heat_item.scene() is self.gscene:
             self.gscene.removeItem(self.heat_item)
         col = colorize(self.heat, "jet")
         self.heat_item = QGraphicsPixmapItem(QPixmap.fromImage(rgb_to_qimage(col)))
@@ -634,35 +736,35 @@ class SceneWidget(QWidget):
         """By suffix: .tif/.tiff COG of the map in the scene's CRS, .geojson regions
         (WGS 84), else the overlay image."""
         path = Path(path)
-        if self.result is None:
+        loc = self.session.localization
+        if loc is None:
             raise ValueError("no localization to save")
         from ..raster.write import check_output_path
+        from ..utils.atomic import save_image
 
         check_output_path(path, None, "the output")
-        name = getattr(self.model, "name", None)
-        if path.suffix.lower() in (".tif", ".tiff") and hasattr(self.result, "write_cog"):
-            return self.result.write_cog(path, model=name)
-        if path.suffix.lower() in (".geojson", ".json") and hasattr(self.result, "write_geojson"):
-            return self.result.write_geojson(path, model=name)
-        polys = self.polygons_for(self.query.text())
+        res = loc.result  # named after the model and text it was computed with, not what is loaded now
+        if path.suffix.lower() in (".tif", ".tiff") and hasattr(res, "write_cog"):
+            return res.write_cog(path, model=loc.model_name)
+        if path.suffix.lower() in (".geojson", ".json") and hasattr(res, "write_geojson"):
+            return res.write_geojson(path, model=loc.model_name)
+        polys = self.session.polygons_for(loc.text)
         try:
-            img = self.result.overlay(max_side=THUMB_SIDE, polygons=polys or None,
-                                      image=Image.fromarray(self.thumb_rgb))
+            img = res.overlay(max_side=THUMB_SIDE, polygons=polys or None, image=Image.fromarray(self.thumb_rgb))
         except Exception:  # noqa: BLE001 - fall back to our own JET 0.7/0.3 blend
             from .util import blend
 
-            img = Image.fromarray(blend(self.thumb_rgb, self.heat, "jet", 0.3))
-        img.save(path)
-        return path
+            img = Image.fromarray(blend(self.thumb_rgb, loc.heat, "jet", 0.3))
+        return save_image(img, path)
 
-    def _save_dialog(self) -> None:
+    def save_dialog(self, report=None) -> None:
+        """Ask for a path and save; every outcome goes to ``report(line, error)`` (the
+        status line) or, without one, to this tab's info line."""
+        from .util import save_file
+
         path, _ = QFileDialog.getSaveFileName(self, "Save localization", "localization.png",
                                               "Overlay (*.png *.jpg);;Probability map, COG (*.tif);;"
                                               "Regions, GeoJSON (*.geojson)")
         if path:
-            try:
-                self.save_overlay(path)
-            except Exception as e:  # noqa: BLE001
-                from .workers import plain_message
+            save_file(self.save_overlay, path, report or (lambda line, error: self.info.setText(line)))
 
-                self.info.setText(f"could not save: {plain_message(e)}")

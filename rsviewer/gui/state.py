@@ -15,7 +15,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -278,6 +278,20 @@ class Ticket:
     serial: int
 
 
+@dataclass(frozen=True)
+class Localization:
+    """A localization on the Scene tab and what it was computed for: saving it names
+    this text, these windows and this model, whatever the widgets show by then."""
+
+    result: Any  # localize.LocalizationResult
+    heat: np.ndarray  # its probability map at the scene thumbnail's size
+    metrics: Optional[dict]  # SeLo figures when the scene's annotations have this text
+    text: str
+    windows: tuple
+    model_name: Optional[str]
+    key: tuple  # Session.localize_key when it was started: (model, scene, text, windows)
+
+
 class Session:
     """The app's session state, owned here and nowhere else (napari's model/view split).
 
@@ -290,7 +304,8 @@ class Session:
     Events (``session.events.connect(name, fn)``): ``model`` (model and gallery
     loaded), ``result`` (a query's result, or None when it was cleared), ``selection``,
     ``map`` (the gallery's embedding map, or None), ``map_filter``, ``error`` (a
-    one-line message).
+    one-line message), ``scene`` (a scene opened on the Scene tab), ``anno`` (its SeLo
+    annotations replaced), ``localization`` (a localization, or None when cleared).
     """
 
     def __init__(self, model_spec: str = "default", gallery_spec: Optional[str] = None):
@@ -310,6 +325,11 @@ class Session:
         self.map_filter: Optional[frozenset[int]] = None
         self.map_filter_desc = ""
         self.error = ""
+        # the Scene tab: one large scene, its annotations and a localization on it (not tied to the gallery)
+        self.scene = None  # the scene reader (raster.Scene, or a Pillow stand-in)
+        self.scene_path: Optional[Path] = None
+        self.anno: list[dict] = []  # SeLo annotations of any scenes; scene_anno() picks this one's
+        self.localization: Optional[Localization] = None
         self.jobs: dict[str, Ticket] = {}  # kind → the newest job of that kind
         self._serial = 0
 
@@ -351,6 +371,9 @@ class Session:
     def map_key(self, method: str, n: int) -> tuple:
         return (id(self.index), method, n)
 
+    def localize_key(self, text: str, windows) -> tuple:
+        return (id(self.model), id(self.scene), text, tuple(windows))
+
     # ---- intents ---------------------------------------------------------------
     def loaded(self, model, index, model_spec: str, gallery_spec: Optional[str]) -> Optional[Query]:
         """A model and gallery are in: clear what belonged to the old ones; returns the
@@ -367,6 +390,8 @@ class Session:
         self.events.emit("model")
         self.events.emit("result", None)
         self.events.emit("selection", None)
+        if self.localization is not None and self.localization.key[0] != id(model):  # the scene stays; its map was another model's
+            self.clear_localization()
         return again
 
     def ready(self) -> bool:
@@ -424,6 +449,36 @@ class Session:
         self.map_filter = frozenset(rows) if rows else None
         self.map_filter_desc = desc if rows else ""
         self.events.emit("map_filter", self.map_filter)
+
+    # ---- the Scene tab
+    def scene_opened(self, path: Path, scene) -> None:
+        """A scene is open: the localization on the previous one goes."""
+        self.scene, self.scene_path = scene, Path(path)
+        self.localization = None
+        self.events.emit("scene", scene)
+        self.events.emit("localization", None)
+
+    def set_anno(self, entries) -> None:
+        self.anno = list(entries)
+        self.events.emit("anno")
+
+    def scene_anno(self) -> list[dict]:
+        """The annotations of the open scene (matched by file name, as SeLo's anno.json does)."""
+        if self.scene_path is None:
+            return []
+        return [a for a in self.anno if a.get("jpg_name") == self.scene_path.name]
+
+    def polygons_for(self, caption: str) -> list:
+        t = caption.strip().lower()
+        return [poly for a in self.scene_anno() if a["caption"].strip().lower() == t for poly in a["points"]]
+
+    def localized(self, loc: Localization) -> None:
+        self.localization = loc
+        self.events.emit("localization", loc)
+
+    def clear_localization(self) -> None:
+        self.localization = None
+        self.events.emit("localization", None)
 
     def visible_hits(self) -> list:
         """The hits the results grid shows: the top K, inside the map selection if any."""

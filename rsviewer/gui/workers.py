@@ -208,6 +208,14 @@ class JobManager(QObject):
             if slot is None or s == slot:
                 w.cancel.set()
 
+    def drop(self, slot: str) -> None:
+        """Stop the job in ``slot`` silently: what it computes is no longer wanted (the
+        session moved on), so it reports nothing, not even "cancelled"."""
+        w = self.slots.get(slot)
+        if w is not None:
+            w.replaced = True
+            w.cancel.set()
+
     def wait_all(self, msecs: int = 5000) -> bool:
         return self.pool.waitForDone(msecs)
 
