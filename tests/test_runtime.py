@@ -283,3 +283,43 @@ def test_localize_windows_onnx_maps_match_torch_eager(default_model, tmp_path, m
     assert info_t["runtime"] == "torch" and info_t["fused"] is False
     assert len(boxes) > 1 and e_onnx.shape == e_eager.shape
     assert float(np.sum(e_onnx * e_eager, 1).min()) >= 0.9999
+
+
+def test_isolated_export_runs_in_one_child_and_matches_torch(cache, tmp_path, monkeypatch):
+    """The app's path: both towers exported by one child process (the exporter holds the
+    GIL for seconds; in the app's process the window could not repaint)."""
+    import os
+
+    from rsviewer.checkpoint import load_model
+    from test_clip import make_ref, save_as
+
+    m = load_model(save_as(make_ref("vit").state_dict(), tmp_path / "RemoteCLIP-tiny-ViT.pt", "plain"))
+    monkeypatch.setattr(rexport, "_isolated", True)
+    warm_up(m, "onnx")
+    metas = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
+    assert {d["tower"] for d in metas} == {"image", "text"} and all(d["status"] == "ok" for d in metas)
+    pids = {d["pid"] for d in metas}
+    assert len(pids) == 1 and os.getpid() not in pids  # one child for both
+    tw = towers(m, "onnx")
+    assert tw.info()["image"] == "onnx" and tw.info()["text"] == "onnx"
+    px = rexport.image_example(m, 3, m.image_size, 5)
+    assert _cos(tw.image_states(px)["emb"], m.image_states(px)["emb"]) >= 0.9999
+    assert _cos(tw.text_states(CAPTIONS)["emb"], m.text_states(CAPTIONS)["emb"]) >= 0.9999
+
+
+def test_isolated_export_of_a_model_unlike_its_folder_runs_here(cache, tmp_path, monkeypatch):
+    """A model whose fingerprint the child cannot reproduce from the folder (here: the file
+    changed after loading) is exported in this process, never from other weights."""
+    import os
+
+    from rsviewer.checkpoint import load_model
+    from test_clip import make_ref, save_as
+
+    path = save_as(make_ref("vit").state_dict(), tmp_path / "RemoteCLIP-tiny-ViT.pt", "plain")
+    m = load_model(path)
+    save_as(make_ref("vit", seed=1).state_dict(), path, "plain")  # other weights in the folder now
+    monkeypatch.setattr(rexport, "_isolated", True)
+    p, meta = rexport.cached_tower(m, "text")
+    assert p is not None and meta["status"] == "ok" and meta["pid"] == os.getpid()
+    tw = Towers(m, "onnx")
+    assert _cos(tw.text_states(CAPTIONS)["emb"], m.text_states(CAPTIONS)["emb"]) >= 0.9999

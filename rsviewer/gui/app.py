@@ -20,6 +20,11 @@ def make_app():
 
     from .theme import apply_theme
 
+    from ..runtime.export import isolate_exports
+
+    # a first launch exports the model's towers to ONNX; in this process the exporter would
+    # hold the GIL for seconds and the window could not repaint
+    isolate_exports()
     app = QApplication.instance()
     if app is None:
         app = QApplication(sys.argv[:1])

@@ -17,6 +17,11 @@ dependency), then checked against PyTorch on inputs of a *different* batch size 
 text length than the trace saw, so a shape the tracer froze shows up as a mismatch.
 A tower whose export fails or does not match is recorded in the sidecar with the
 reason (so it is not retried on every start) and runs in PyTorch.
+
+The app exports in a child process (:func:`isolate_exports`): the tracer and
+torch.onnx's C++ passes hold the GIL for seconds at a time, and a window whose worker
+thread exports cannot repaint meanwhile. The child reloads the model from its folder,
+checks it has the same fingerprint, exports, and exits; the parent reads the cache.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -159,7 +166,8 @@ def export_tower(model, tower: str, size: Optional[int] = None) -> dict:
     import onnxruntime as ort
 
     path, side = tower_paths(model, tower, size)
-    meta: dict = {"tower": tower, "arch": model.arch, "key": model_key(model), "size": size, **_versions()}
+    meta: dict = {"tower": tower, "arch": model.arch, "key": model_key(model), "size": size, **_versions(),
+                  "pid": os.getpid()}
     was_training = model.training
     model.eval()
     try:
@@ -226,9 +234,73 @@ def export_tower(model, tower: str, size: Optional[int] = None) -> dict:
     return meta
 
 
-def cached_tower(model, tower: str, size: Optional[int] = None, verify: bool = True) -> tuple[Optional[Path], dict]:
-    """The cached export of ``tower`` if it is valid (sidecar ok, file present, sha256 matches),
-    exporting it first when absent or corrupt. Returns (path or None, sidecar)."""
+_isolated = False
+
+
+def isolate_exports(on: bool = True) -> None:
+    """Export in a child process from now on (the GUI sets it: see the module docstring)."""
+    global _isolated
+    _isolated = on
+
+
+def _export_in_child(model, specs: Sequence[tuple[str, Optional[int]]]) -> dict[tuple, dict]:
+    """:func:`export_tower` for each ``(tower, size)`` in ``specs``, run by one child Python
+    (:func:`_child_main`) on the model's folder at a lower CPU priority. Returns the
+    sidecars it wrote, by spec; empty when a child cannot stand in for this model (no
+    folder, not on the CPU, other weights than the folder's, or the child failed), and
+    the caller exports in this process instead."""
+    folder = getattr(model, "model_dir", None)
+    if folder is None or getattr(model.device, "type", "cpu") != "cpu" or not specs:
+        return {}
+    code = "import sys; from rsviewer.runtime.export import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, str(folder), model_key(model)] + [f"{t}:{s or 0}" for t, s in specs]
+    env = dict(os.environ)  # the same cache; and this rsviewer, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL, env=env)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("rsviewer: export in a child process failed to run (%s); exporting here", e)
+        return {}
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        log.warning("rsviewer: export in a child process failed (%s); exporting here", tail[0][:200])
+        return {}
+    out = {}
+    for tower, size in specs:
+        try:
+            meta = json.loads(tower_paths(model, tower, size)[1].read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("key") == model_key(model):
+            out[(tower, size)] = meta
+    return out
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """The child of :func:`_export_in_child` (argv: folder, key, tower:size…): exit 0 with
+    the sidecars written, 3 when the folder's weights are not the parent's model (another
+    fingerprint), 1 on an error."""
+    folder, key, specs = argv[0], argv[1], [(a.split(":")[0], int(a.split(":")[1]) or None) for a in argv[2:]]
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), 10))  # under the GUI
+    except (AttributeError, OSError):  # Windows, or not permitted
+        pass
+    from ..checkpoint import load_model
+
+    model = load_model(folder)
+    if model_key(model) != key:
+        print(f"{folder}: fingerprint {model_key(model)} is not {key}", file=sys.stderr)
+        return 3
+    for tower, size in specs:
+        meta = export_tower(model, tower, size)
+        print(tower, size, meta.get("status"), meta.get("reason", ""))
+    return 0
+
+
+def _cached(model, tower: str, size: Optional[int], verify: bool) -> tuple[Optional[Path], Optional[dict]]:
+    """The valid cached export (path, sidecar); (None, sidecar) when it is known not to
+    export; (None, None) when it must be exported (absent, another exporter, or damaged)."""
     path, side = tower_paths(model, tower, size)
     meta = None
     if side.exists():
@@ -249,9 +321,29 @@ def cached_tower(model, tower: str, size: Optional[int] = None, verify: bool = T
             meta["cache_hit"] = True
             return path, meta
         log.warning("rsviewer: cached ONNX export %s is damaged; rebuilding it", path.name)
-    meta = export_tower(model, tower, size)
+    return None, None
+
+
+def prepare_towers(model, specs: Sequence[tuple[str, Optional[int]]]) -> None:
+    """Export, in one child process when exports are isolated, every ``(tower, size)`` of
+    ``specs`` not validly cached yet (one interpreter start and model load for all of
+    them); the sessions then find them in the cache. Nothing to do when not isolated."""
+    if not _isolated:
+        return
+    todo = [(t, s) for t, s in specs if _cached(model, t, s, verify=False) == (None, None)]
+    _export_in_child(model, todo)
+
+
+def cached_tower(model, tower: str, size: Optional[int] = None, verify: bool = True) -> tuple[Optional[Path], dict]:
+    """The cached export of ``tower`` if it is valid (sidecar ok, file present, sha256 matches),
+    exporting it first when absent or corrupt. Returns (path or None, sidecar)."""
+    path, meta = _cached(model, tower, size, verify)
+    if path is not None or meta is not None:
+        return path, meta
+    meta = (_export_in_child(model, [(tower, size)]).get((tower, size)) if _isolated else None) or \
+        export_tower(model, tower, size)
     meta["cache_hit"] = False
-    return (path if meta["status"] == "ok" else None), meta
+    return (tower_paths(model, tower, size)[0] if meta["status"] == "ok" else None), meta
 
 
 _EXPORT_LOCK = threading.Lock()

@@ -263,6 +263,10 @@ def warm_up(model, runtime: str = "auto") -> dict:
     """Load (exporting once per model fingerprint) both towers and run each once, so the
     first user query is warm. Returns :meth:`Towers.info`. Safe to call from a worker thread."""
     tw = towers(model, runtime)
+    if tw.runtime in GRAPH_RUNTIMES:
+        from .export import prepare_towers
+
+        prepare_towers(model, [("text", None), ("image", model.image_size)])  # one child for both (the app)
     tw.text_states(["a warm-up query"])
     tw.text_states(["a"] * (QUERY_BATCH + 1))  # the batch session too (index building)
     from .export import image_example
