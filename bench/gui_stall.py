@@ -5,7 +5,8 @@ A 10 ms QTimer heartbeat runs on the GUI thread; each scenario reports the longe
 between two ticks, next to the reference measured first in the same run: the same
 timer's longest gap with nothing running (idle jitter). Scenarios: a text search, a
 dropped side×side PNG and JPEG (preview + image search), the first embedding map of a
-session (PCA, projection cache empty). Issue target: ≤ 100 ms. Default model, demo
+session (PCA, projection cache empty), and before them the first launch: the model
+loaded with an empty cache, so its towers are exported to ONNX (once per model). Issue target: ≤ 100 ms. Default model, demo
 gallery (its shipped index). Runs from a clean clone without installing the package.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -100,9 +102,6 @@ def main(argv=None) -> int:
     from rsviewer.gui.main_window import MainWindow
 
     app = make_app()
-    w = MainWindow(model="default")
-    w.resize(1400, 900)
-    w.show()
 
     def wait(cond, secs=600):
         end = time.monotonic() + secs
@@ -144,10 +143,16 @@ def main(argv=None) -> int:
         m.setUrls([QUrl.fromLocalFile(str(path))])
         w.handle_drop(m)
 
-    wait(lambda: w.index is not None)
     idle_until = time.monotonic() + 1.0
     out = {"cpu": cpu_name(), "load_avg": os.getloadavg()[0], "side": args.side,
            "idle_jitter_ms": measure(lambda: None, lambda: time.monotonic() > idle_until)}
+    w = MainWindow(model="default")  # built on the GUI thread before the heartbeat: not a stall measured here
+    w.resize(1400, 900)
+    w.show()
+    t0 = time.perf_counter()
+    out["first_launch_ms"] = measure(lambda: None, lambda: w.index is not None and not w.jobs.busy(),
+                                     "first launch")  # the cache is empty: the towers are exported to ONNX
+    out["first_launch_s"] = time.perf_counter() - t0
     out["text_search_ms"] = measure(lambda: w.run_text("many planes parked at the airport"),
                                     lambda: w.last_result is not None and not w.jobs.busy(), "text search")
     for suffix in (".png", ".jpg"):
@@ -166,7 +171,9 @@ def main(argv=None) -> int:
         for k, v in out.items():
             if k.endswith("_ms") and k not in ("idle_jitter_ms", "target_ms"):
                 print(f"  {k[:-3]:<12} longest stall {v:6.0f} ms")
+        print(f"  first launch took {out['first_launch_s']:.1f} s (model load, ONNX export, warm-up)")
     sys.stdout.flush()
+    shutil.rmtree(tmp, ignore_errors=True)  # its ONNX exports: ~120 MB a run
     w.close()
     return finish(w, 0)
 
