@@ -250,20 +250,22 @@ def load_preview(path, side: int) -> Image.Image:
 
 
 def load_plain(path, model_side: Optional[int] = None) -> Optional[Image.Image]:
-    """A plain 8-bit RGB file for an image query, decoded off the GIL; with ``model_side``,
-    box-reduced first while its shorter side stays ≥ 3 × ``model_side`` (Pillow's
+    """A plain 8-bit RGB file for an image query; with ``model_side``, decoded off the GIL
+    and box-reduced while its shorter side stays ≥ 3 × ``model_side`` (Pillow's
     ``reducing_gap=3``: the model's bicubic resize then sees the same picture — cosine to
-    the full-size path measured in tests). None for anything else: the caller passes the
-    path to the engine instead."""
+    the full-size path measured in tests). None for anything else (or a file that does
+    not decode): the caller passes the path to the engine instead, which says why."""
+    if model_side:
+        return _decode_reduced(path, 3 * model_side)  # checks plainness itself: the header is read once
     src = _open_plain(path)
     if src is None:
         return None
-    src.close()
-    if model_side:
-        return _decode_reduced(path, 3 * model_side)
-    im = Image.open(path)
-    im.load()  # a single-frame file opened by name: Pillow closes the file itself
-    return im if im.mode == "RGB" else im.convert("RGB")
+    try:
+        src.load()  # a single-frame file opened by name: Pillow closes the file itself
+    except (OSError, ValueError):
+        src.close()
+        return None
+    return src if src.mode == "RGB" else src.convert("RGB")
 
 
 def save_file(write, path, report) -> Optional[Path]:
