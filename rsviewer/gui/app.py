@@ -59,8 +59,10 @@ def run_app(args) -> int:
     except ImportError:
         pass
     app = make_app()
+    from ..utils.gc_pause import freeze_long_lived
     from .main_window import MainWindow
 
+    freeze_long_lived()  # the imports so far live as long as the process: no collection walks them again
     win = MainWindow(model=getattr(args, "model", None) or "default", gallery=getattr(args, "gallery", None))
     if screenshot:
         return take_screenshot(app, win, Path(screenshot), getattr(args, "query", None), getattr(args, "tab", None))

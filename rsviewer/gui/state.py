@@ -493,25 +493,31 @@ class Session:
 _warmed = threading.Event()
 
 
-def warm_up(progress=None) -> None:
-    """Import the heavy libraries of the map, explanations and localization once, in the first load's worker.
+# imported once by the first load's worker, before it loads anything: the text tower's
+# transformers modules (≈3 s, among them torch._dynamo and sympy), ONNX Runtime, cv2 (it
+# decodes thumbnails and previews), the explain and localize engines (the details dock
+# and the Scene tab import them on the GUI thread, ≈1 s for explain), and the map's
+# scikit-learn / openTSNE. Optional ones that are missing are skipped (the map lists only
+# the methods it has).
+PRELOAD = ("transformers", "transformers.models.bert.modeling_bert", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto", "onnxruntime", "cv2", "rsviewer.explain",
+           "rsviewer.localize", "sklearn.decomposition", "sklearn.neighbors", "openTSNE")
 
-    Importing scikit-learn / openTSNE holds the GIL for up to a second while their
-    extension modules initialise; done on the first map it froze the GUI thread,
-    done here it happens while the window says "loading" anyway."""
+
+def warm_up(progress=None) -> None:
+    """Import the app's heavy libraries once, in the first load's worker, before the model.
+
+    Done on the GUI thread (first map, first explanation) they froze it for up to a
+    second. In a worker they still paused it: the imports create ~200,000 objects, and
+    each full garbage collection they triggered held the GIL 100–300 ms. So automatic
+    collection waits until they are done and what they leave is frozen
+    (``utils.gc_pause``); the model is loaded after, with collection back on, because a
+    model holds reference cycles and must stay collectable."""
     if _warmed.is_set():
         return
     _warmed.set()
-    import importlib
+    from ..utils.gc_pause import import_all
 
     if progress:
-        progress(0, 0, "preparing the embedding map")
-    # the explain and localize engines are imported by the details dock and the Scene tab on
-    # the GUI thread (≈1 s for explain); imported here first, those imports are free
-    # cv2 decodes thumbnails and previews: imported by the first one, it held the GIL ~100 ms
-    for name in ("cv2", "rsviewer.explain", "rsviewer.localize", "sklearn.decomposition", "sklearn.neighbors",
-                 "openTSNE"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # optional: the map lists only the methods it has
-            pass
+        progress(0, 0, "importing libraries")
+    import_all(PRELOAD)
