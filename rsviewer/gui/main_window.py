@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from PySide6.QtCore import QMimeData, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QMimeData, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QTabWidget,
                                QWidget)
@@ -114,8 +114,32 @@ class MainWindow(QMainWindow):
         self.tabs.currentChanged.connect(self._tab_changed)
         self._menus()
         self._shortcuts()
+        self._first_load_pending = start
         if start:
-            QTimer.singleShot(0, lambda: self.load(self.session.model_spec, self.session.gallery_spec))
+            self.installEventFilter(self)  # the first paint starts the first load
+            QTimer.singleShot(0, self._first_load_unless_unpainted)
+
+    # the first load's worker imports for seconds and contends for the GIL: started before the
+    # window's first paint, it made that paint take 100–160 ms instead of ~40 (bench/gui_stall.py)
+    def _first_load_unless_unpainted(self) -> None:
+        if self.isVisible() and not self._painted:
+            QTimer.singleShot(500, self._start_first_load)  # the paint starts it, or this at the latest
+        else:
+            self._start_first_load()
+
+    def _start_first_load(self) -> None:
+        if self._first_load_pending:
+            self._first_load_pending = False
+            self.removeEventFilter(self)
+            self.load(self.session.model_spec, self.session.gallery_spec)
+
+    _painted = False
+
+    def eventFilter(self, obj, event) -> bool:
+        if obj is self and event.type() == QEvent.Paint and self._first_load_pending:
+            self._painted = True
+            QTimer.singleShot(0, self._start_first_load)  # after this paint, children included
+        return super().eventFilter(obj, event)
 
     # read-only views of the session (scripts, tests, the screenshot driver)
     model = property(lambda self: self.session.model)
@@ -212,9 +236,9 @@ class MainWindow(QMainWindow):
 
         def work(progress, cancel):
             t0 = time.perf_counter()
+            state.warm_up(progress)  # the first load imports the heavy libraries here, off the GUI thread
             model = state.get_model(model_spec, progress=progress)
             index = state.open_gallery(gallery_spec, model, progress, cancel)
-            state.warm_up(progress)  # one-off imports off the GUI thread's first map
             return model, index, model_spec, gallery_spec, time.perf_counter() - t0
 
         # a newer load replaces this one (the job manager drops what it still reports);
