@@ -97,3 +97,26 @@ def test_worker_threads_run_below_the_gui_thread(qtbot):
     else:
         assert got == [None]
     jobs.wait_all(5_000)
+
+
+def test_details_image_is_scaled_once_per_image_and_size(qtbot):
+    """The dock relayouts on every selection; the smooth rescale runs only for a new image or size."""
+    from rsviewer.gui.details import ImageLabel
+
+    label = ImageLabel()
+    qtbot.addWidget(label)
+    label.resize(300, 300)
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    rgb[:, :128] = 255
+    label.set_rgb(rgb)
+    first = label.pixmap().cacheKey()
+    label._rescale()  # what a relayout at the same size does
+    assert label.pixmap().cacheKey() == first
+    label.resize(400, 400)
+    label._rescale()
+    assert label.pixmap().cacheKey() != first and label.pixmap().width() == 396
+    resized = label.pixmap().cacheKey()
+    label.set_rgb(rgb)  # a new image at the same size is drawn anew
+    assert label.pixmap().cacheKey() != resized
+    label.set_rgb(None)
+    assert label.pixmap().isNull()

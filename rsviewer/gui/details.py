@@ -58,6 +58,7 @@ class ImageLabel(QLabel):
         self.setMinimumSize(200, 200)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
         self._pm: Optional[QPixmap] = None
+        self._shown: tuple = ()  # (pixmap key, w, h) on screen: a relayout of the dock rescaled it each time
 
     def set_rgb(self, arr: Optional[np.ndarray]) -> None:
         self._pm = QPixmap.fromImage(rgb_to_qimage(arr)) if arr is not None else None
@@ -69,10 +70,14 @@ class ImageLabel(QLabel):
 
     def _rescale(self) -> None:
         if self._pm is None:
+            self._shown = ()
             self.clear()
             return
         w, h = max(50, self.width() - 4), max(50, self.height() - 4)
-        self.setPixmap(self._pm.scaled(w, h, Qt.KeepAspectRatio, Qt.SmoothTransformation))
+        key = (self._pm.cacheKey(), w, h)
+        if key != self._shown:  # smooth scaling is a GUI-thread cost: once per image and size
+            self._shown = key
+            self.setPixmap(self._pm.scaled(w, h, Qt.KeepAspectRatio, Qt.SmoothTransformation))
 
 
 class ExplainPanel(QGroupBox):
