@@ -120,3 +120,19 @@ def test_details_image_is_scaled_once_per_image_and_size(qtbot):
     assert label.pixmap().cacheKey() != resized
     label.set_rgb(None)
     assert label.pixmap().isNull()
+
+
+def test_thumbnails_reach_the_gui_thread_in_the_raster_format(qtbot, tmp_path):
+    """Workers hand over RGB32 (thumbnails are opaque): no per-thumbnail conversion on the GUI thread."""
+    from PySide6.QtGui import QImage
+
+    from rsviewer.gui.util import ThumbCache
+
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "rgb.png")
+    cache = ThumbCache(size=64)
+    got = {}
+    cache.signals.ready.connect(lambda path, img: got.__setitem__(path, img.format()))
+    cache.get(str(tmp_path / "rgb.png"))
+    qtbot.waitUntil(cache.idle, timeout=20_000)
+    assert got == {str(tmp_path / "rgb.png"): QImage.Format_RGB32}
+    assert not cache.get(str(tmp_path / "rgb.png")).isNull()

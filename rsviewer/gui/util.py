@@ -109,7 +109,11 @@ class _ThumbJob(QRunnable):
 
         background_priority()
         try:
-            self.signals.ready.emit(self.path, pil_to_qimage(load_thumb(self.path, self.size)))
+            img = pil_to_qimage(load_thumb(self.path, self.size))
+            # the raster backend's own format: QPixmap.fromImage on the GUI thread then converts nothing
+            img = img.convertToFormat(QImage.Format_ARGB32_Premultiplied if img.hasAlphaChannel() else
+                                      QImage.Format_RGB32)
+            self.signals.ready.emit(self.path, img)
         except Exception as e:  # noqa: BLE001 - an unreadable file is a "no preview" line, never a crash
             self.signals.failed.emit(self.path, plain_message(e))
 
