@@ -13,13 +13,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 # Leave as soon as the summary is printed, without the rest of pytest's shutdown and the
-# interpreter's teardown: with PySide6, torch and OpenMP threads alive, that teardown has
-# crashed the process after every test had passed (in 2 of ~8 clean-clone runs), losing the
-# summary. An exit from pytest_unconfigure came too late for one of them (faulthandler is
-# already off by then and stdout still buffered), so the exit now wraps every other
-# plugin's sessionfinish (the terminal summary, the cache's last-failed record) from the
-# outside. The app leaves the same way (gui/app.finish). The exit status is pytest's own.
-# RSVIEWER_TEST_FAST_EXIT=0 keeps the normal shutdown (to debug it).
+# interpreter's teardown: with PySide6, torch, ONNX Runtime and OpenMP threads alive, clean-
+# clone runs (3 of ~10) crashed with SIGSEGV after every test had passed, first in the
+# interpreter's teardown, then, with the exit in pytest_unconfigure, before the summary was
+# printed. The exit now wraps every other plugin's sessionfinish (the terminal summary, the
+# cache's last-failed record) from the outside. The app leaves the same way
+# (gui/app.finish). The exit status is pytest's own. RSVIEWER_TEST_FAST_EXIT=0 keeps the
+# normal shutdown (to debug it).
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -34,20 +34,19 @@ def pytest_sessionfinish(session, exitstatus):
     return result
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _qt_pools_drained():
-    """Once the last test is done: Qt worker threads still running
-    (thumbnails, scene tiles, jobs of windows not yet collected) are waited for."""
-    yield
-    import sys
+# Session-scoped values (the shipped model with its ONNX Runtime / OpenVINO sessions, Qt's
+# application) are kept alive until that exit: their teardown after the last test is the
+# one place the suite frees native objects that own thread pools, and the crashes above came
+# after the last test had passed, before the summary, without a faulthandler trace.
+_SESSION_VALUES: list = []
 
-    if "PySide6.QtCore" not in sys.modules:
-        return
-    from PySide6.QtCore import QThreadPool
 
-    QThreadPool.globalInstance().waitForDone(2000)
-    if "rsviewer.gui.util" in sys.modules:
-        sys.modules["rsviewer.gui.util"].shutdown_thumbs(2000)
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    value = yield
+    if fixturedef.scope == "session" and os.environ.get("RSVIEWER_TEST_FAST_EXIT", "1") != "0":
+        _SESSION_VALUES.append(value)
+    return value
 
 
 def _find_shared() -> Path:
