@@ -22,10 +22,36 @@ REPO = Path(__file__).resolve().parents[1]
 # normal shutdown (to debug it).
 
 
+_FAST_EXIT = os.environ.get("RSVIEWER_TEST_FAST_EXIT", "1") != "0"
+
+
+def _trace_exit(step: str) -> None:
+    """RSVIEWER_TEST_TRACE_EXIT=1: one unbuffered stderr line per step of the shutdown (where a crash is)."""
+    if os.environ.get("RSVIEWER_TEST_TRACE_EXIT") == "1":
+        os.write(2, f"\n[exit trace] {step}\n".encode())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None and _FAST_EXIT:
+        # from here on nothing is collected: a cycle holding a Qt or runtime object is not
+        # finalised on whatever thread happens to trigger a collection
+        import gc
+
+        gc.disable()
+        _trace_exit(f"last test's teardown: {item.nodeid}")
+    result = yield
+    if nextitem is None:
+        _trace_exit("last test's teardown done")
+    return result
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
+    _trace_exit("sessionfinish")
     result = yield
-    if os.environ.get("RSVIEWER_TEST_FAST_EXIT", "1") != "0":
+    _trace_exit("summary printed")
+    if _FAST_EXIT:
         import sys
 
         sys.stdout.flush()
@@ -44,7 +70,7 @@ _SESSION_VALUES: list = []
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef, request):
     value = yield
-    if fixturedef.scope == "session" and os.environ.get("RSVIEWER_TEST_FAST_EXIT", "1") != "0":
+    if fixturedef.scope == "session" and _FAST_EXIT:
         _SESSION_VALUES.append(value)
     return value
 
