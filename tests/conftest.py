@@ -34,16 +34,26 @@ def _trace_exit(step: str) -> None:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item, nextitem):
     if nextitem is None and _FAST_EXIT:
-        # from here on nothing is collected: a cycle holding a Qt or runtime object is not
-        # finalised on whatever thread happens to trigger a collection
-        import gc
+        # The crash comes after the last test's call report and before sessionfinish (traced
+        # with RSVIEWER_TEST_TRACE_EXIT=1): in the last teardown, where pytest also tears
+        # down every module and session fixture. So the run ends here: the summary pytest
+        # would print, then the exit. Only the last test's own teardown report is not made.
+        import sys
 
-        gc.disable()
-        _trace_exit(f"last test's teardown: {item.nodeid}")
-    result = yield
-    if nextitem is None:
-        _trace_exit("last test's teardown done")
-    return result
+        _trace_exit(f"last test's teardown skipped: {item.nodeid}")
+        capman = item.config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.suspend_global_capture(in_=True)
+        session, tr = item.session, item.config.pluginmanager.getplugin("terminalreporter")
+        status = pytest.ExitCode.TESTS_FAILED if session.testsfailed else pytest.ExitCode.OK
+        if tr is not None:
+            tr._tw.line("")
+            item.config.hook.pytest_terminal_summary(terminalreporter=tr, exitstatus=status, config=item.config)
+            tr.summary_stats()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(status))
+    return (yield)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
