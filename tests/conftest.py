@@ -12,59 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Leave as soon as the summary is printed, without pytest's teardown of the last test and of
-# every module/session fixture, and without the interpreter's teardown: the app leaves the
-# same way (gui/app.finish). The exit status is pytest's own. Clean-clone runs still die
-# with SIGSEGV (no faulthandler trace) right after the last test, even with this exit at the
-# start of its teardown: most likely a background thread of that test, cause not found yet.
-# RSVIEWER_TEST_FAST_EXIT=0 keeps the normal shutdown; RSVIEWER_TEST_TRACE_EXIT=1 traces it.
-
-
-_FAST_EXIT = os.environ.get("RSVIEWER_TEST_FAST_EXIT", "1") != "0"
-
-
-def _trace_exit(step: str) -> None:
-    """RSVIEWER_TEST_TRACE_EXIT=1: one unbuffered stderr line per step of the shutdown (where a crash is)."""
-    if os.environ.get("RSVIEWER_TEST_TRACE_EXIT") == "1":
-        os.write(2, f"\n[exit trace] {step}\n".encode())
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_teardown(item, nextitem):
-    if nextitem is None and _FAST_EXIT:
-        # the run ends here: the summary pytest would print, then the exit (only the last
-        # test's own teardown report is not made); -x runs end in pytest_sessionfinish below
-        import sys
-
-        _trace_exit(f"last test's teardown skipped: {item.nodeid}")
-        capman = item.config.pluginmanager.getplugin("capturemanager")
-        if capman is not None:
-            capman.suspend_global_capture(in_=True)
-        session, tr = item.session, item.config.pluginmanager.getplugin("terminalreporter")
-        status = pytest.ExitCode.TESTS_FAILED if session.testsfailed else pytest.ExitCode.OK
-        if tr is not None:
-            tr._tw.line("")
-            item.config.hook.pytest_terminal_summary(terminalreporter=tr, exitstatus=status, config=item.config)
-            tr.summary_stats()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(status))
-    return (yield)
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_sessionfinish(session, exitstatus):
-    _trace_exit("sessionfinish")
-    result = yield
-    _trace_exit("summary printed")
-    if _FAST_EXIT:
-        import sys
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(session.exitstatus))
-    return result
-
 
 def _find_shared() -> Path:
     """The project's shared data: $RSVIEWER_SHARED, ../shared next to the checkout, or

@@ -254,6 +254,27 @@ def test_openvino_runs_the_same_graphs():
     assert tw.info()["image"] == tw.info()["text"] == "openvino"
 
 
+def test_openvino_leaves_the_threads_signal_stack_as_it_was():
+    """OpenVINO's CPU plugin installs an alternate signal stack per thread and, once its
+    four compiled models were freed, left this thread pointing at an unmapped one: the next
+    signal with a handler (a DataLoader's SIGCHLD) killed the whole test run with SIGSEGV."""
+    import gc
+
+    from rsviewer.checkpoint import load_model
+    from rsviewer.utils import altstack
+
+    before = altstack.current()
+    model = load_model("default")
+    tw = Towers(model, "openvino")
+    tw.image_states(rexport.image_example(model, 2, model.image_size, 3))
+    tw.text_states(CAPTIONS), tw.text_states(CAPTIONS[:1])
+    tw.feature_maps(torch.randn(1, 3, 320, 288))
+    assert altstack.current() == before
+    del tw
+    gc.collect()
+    assert altstack.current() == before
+
+
 # ---- localization windows through the `maps` graph (what bench/localize.py compares) ------------
 from conftest import SHARED, needs_shared  # noqa: E402
 

@@ -24,6 +24,7 @@ import torch
 
 from ..archs.base import check_query
 from ..errors import RsviewerError
+from ..utils.altstack import keep_sigaltstack
 
 log = logging.getLogger("rsviewer.runtime")
 
@@ -102,19 +103,28 @@ class _OVSession:
     """An OpenVINO compiled model with ONNX Runtime's ``run(names, feed)`` (fp32: this CPU
     would otherwise run it in bf16); one infer request per thread."""
 
+    # Every call into OpenVINO keeps the thread's alternate signal stack as it was: its
+    # CPU plugin installs its own per thread and can leave it dangling (utils/altstack.py).
+
     def __init__(self, path, threads: int):
         import openvino as ov
 
-        self.cm = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": int(threads),
-                                                             "INFERENCE_PRECISION_HINT": "f32"})
+        with keep_sigaltstack():
+            self.cm = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": int(threads),
+                                                                 "INFERENCE_PRECISION_HINT": "f32"})
         self._local = threading.local()
 
     def run(self, names, feed):
-        req = getattr(self._local, "req", None)
-        if req is None:
-            req = self._local.req = self.cm.create_infer_request()
-        res = req.infer(feed)
-        return [np.array(res[self.cm.output(n)]) for n in names]  # copies: the request reuses its buffers
+        with keep_sigaltstack():
+            req = getattr(self._local, "req", None)
+            if req is None:
+                req = self._local.req = self.cm.create_infer_request()
+            res = req.infer(feed)
+            return [np.array(res[self.cm.output(n)]) for n in names]  # copies: the request reuses its buffers
+
+    def __del__(self):
+        with keep_sigaltstack():
+            self._local = self.cm = None
 
 
 def _session(path, device, threads: int, backend: str = "onnx"):
