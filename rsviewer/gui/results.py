@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from PySide6.QtCore import QAbstractListModel, QModelIndex, QPoint, QRect, QSize, Qt, Signal
-from PySide6.QtGui import QColor, QFont, QFontMetrics, QPainter, QPainterPath, QPen
+from PySide6.QtGui import QColor, QFont, QFontMetrics, QPainter, QPen
 from PySide6.QtWidgets import (QAbstractItemView, QFrame, QHBoxLayout, QLabel, QListView, QPushButton,
                                QStyle, QStyledItemDelegate, QVBoxLayout, QWidget)
 
@@ -96,6 +96,7 @@ class ResultDelegate(QStyledItemDelegate):
         self.thumb = thumb
         self._elided: dict[tuple, str] = {}
         self._sized: dict[tuple, QPixmap] = {}  # (pixmap, side) → scaled copy
+        self._font_sets: dict[str, _CellFonts] = {}
 
     def _scaled(self, pm: QPixmap, side: int) -> QPixmap:
         """``pm`` fitted in side×side, smoothly, once: scaling every thumbnail on every
@@ -111,22 +112,36 @@ class ResultDelegate(QStyledItemDelegate):
     def sizeHint(self, option, index) -> QSize:  # noqa: N802
         return QSize(self.thumb + CELL_W - THUMB, self.thumb + CELL_H - THUMB)
 
+    def _fonts(self, base: QFont) -> "_CellFonts":
+        """The cell's fonts and metrics for the view's font, made once (not per cell per paint)."""
+        key = base.key()
+        fonts = self._font_sets.get(key)
+        if fonts is None:
+            fonts = self._font_sets[key] = _CellFonts(base)
+        return fonts
+
+    def _cached_text(self, key: tuple, make) -> str:
+        out = self._elided.get(key)
+        if out is None:  # eliding and word wrapping are the costly part of a repaint: once per text
+            if len(self._elided) > 5000:
+                self._elided.clear()
+            out = self._elided[key] = make()
+        return out
+
     def paint(self, p: QPainter, option, index) -> None:
         h = index.data(Qt.UserRole)
         if h is None:
             return
+        c = _COLOURS
+        fonts = self._fonts(option.font)
         p.save()
         p.setRenderHint(QPainter.Antialiasing)
         r = option.rect.adjusted(4, 4, -4, -4)
         selected = bool(option.state & QStyle.State_Selected)
         gt = self.model.is_gt(h)
-        bg = QColor("#eff6ff") if selected else QColor(theme.PANEL)
-        border = QColor(theme.ACCENT) if selected else QColor(theme.BORDER)
-        path = QPainterPath()
-        path.addRoundedRect(r, 6, 6)
-        p.fillPath(path, bg)
-        p.setPen(QPen(border, 2 if selected else 1))
-        p.drawPath(path)
+        p.setBrush(c["selected_bg"] if selected else c["panel"])
+        p.setPen(c["selected_pen"] if selected else c["border_pen"])
+        p.drawRoundedRect(r, 6, 6)  # fill and outline in one call
         # thumbnail (square, centred)
         T = self.thumb
         img_rect = QRect(r.x() + (r.width() - T) // 2, r.y() + 6, T, T)
@@ -138,64 +153,76 @@ class ResultDelegate(QStyledItemDelegate):
             y = img_rect.y() + (T - scaled.height()) // 2
             p.drawPixmap(x, y, scaled)
         else:
-            p.fillRect(img_rect, QColor("#e5e7eb"))
-            p.setPen(QColor(theme.MUTED))
+            p.fillRect(img_rect, c["placeholder"])
+            p.setPen(c["muted"])
             failed = thumbs().failed.get(key)
             p.drawText(img_rect, Qt.AlignCenter | Qt.TextWordWrap, "unreadable image" if failed else "loading…")
         # ground-truth frame and mark
         if gt is not None:
-            col = QColor(theme.GOOD if gt else theme.BAD)
+            col = c["good"] if gt else c["bad"]
             p.setPen(QPen(col, 3))
+            p.setBrush(Qt.NoBrush)
             p.drawRect(img_rect.adjusted(1, 1, -1, -1))
             badge = QRect(img_rect.right() - 24, img_rect.y() + 4, 20, 20)
             p.setBrush(col)
             p.setPen(Qt.NoPen)
             p.drawEllipse(badge)
-            p.setPen(QColor("white"))
-            f = QFont(option.font)
-            f.setBold(True)
-            p.setFont(f)
+            p.setPen(c["white"])
+            p.setFont(fonts.bold)
             p.drawText(badge, Qt.AlignCenter, "✓" if gt else "✗")
         # rank badge
-        f = QFont(option.font)
-        f.setBold(True)
-        f.setPointSizeF(max(8.0, option.font.pointSizeF() - 1))
-        p.setFont(f)
+        p.setFont(fonts.rank)
         rank = f"#{h.rank}"
-        fm = QFontMetrics(f)
-        rb = QRect(img_rect.x() + 4, img_rect.y() + 4, fm.horizontalAdvance(rank) + 10, fm.height() + 2)
-        p.setBrush(QColor(0, 0, 0, 160))
+        rb = QRect(img_rect.x() + 4, img_rect.y() + 4, fonts.rank_fm.horizontalAdvance(rank) + 10, fonts.rank_fm.height() + 2)
+        p.setBrush(c["rank_bg"])
         p.setPen(Qt.NoPen)
         p.drawRoundedRect(rb, 4, 4)
-        p.setPen(QColor("white"))
+        p.setPen(c["white"])
         p.drawText(rb, Qt.AlignCenter, rank)
         # text lines: label + score, caption
         y = img_rect.bottom() + 6
-        f2 = QFont(option.font)
-        f2.setPointSizeF(max(8.0, option.font.pointSizeF() - 1))
-        fm2 = QFontMetrics(f2)
-        p.setFont(f2)
-        line = QRect(r.x() + 6, y, r.width() - 12, fm2.height())
-        p.setPen(QColor(theme.TEXT))
-        fb = QFont(f2)
-        fb.setBold(True)
-        p.setFont(fb)
-        p.drawText(line, Qt.AlignLeft | Qt.AlignVCenter,
-                   QFontMetrics(fb).elidedText(h.label or h.id, Qt.ElideRight, line.width() - 52))
-        p.setFont(f2)
-        p.setPen(QColor(theme.MUTED))
+        fh = fonts.small_fm.height()
+        line = QRect(r.x() + 6, y, r.width() - 12, fh)
+        p.setPen(c["text"])
+        p.setFont(fonts.label)
+        label = h.label or h.id
+        p.drawText(line, Qt.AlignLeft | Qt.AlignVCenter, self._cached_text(
+            ("label", label, line.width(), fonts.key),
+            lambda: fonts.label_fm.elidedText(label, Qt.ElideRight, line.width() - 52)))
+        p.setFont(fonts.small)
+        p.setPen(c["muted"])
         p.drawText(line, Qt.AlignRight | Qt.AlignVCenter, f"{h.score:.3f}")
         cap = h.text or (h.captions[0] if h.captions else tile_caption(h.tile) if getattr(h, 'tile', None) else h.id)
-        cap_rect = QRect(r.x() + 6, y + fm2.height() + 2, r.width() - 12, 2 * fm2.height() + 2)
-        p.setPen(QColor(theme.TEXT))
-        key = (cap, cap_rect.width(), f2.pointSizeF())
-        lines = self._elided.get(key)
-        if lines is None:  # word wrapping is the costly part of a repaint: once per caption
-            if len(self._elided) > 5000:
-                self._elided.clear()
-            lines = self._elided[key] = _elide_lines(cap, fm2, cap_rect.width(), 2)
-        p.drawText(cap_rect, Qt.AlignLeft | Qt.AlignTop, lines)
+        cap_rect = QRect(r.x() + 6, y + fh + 2, r.width() - 12, 2 * fh + 2)
+        p.setPen(c["text"])
+        p.drawText(cap_rect, Qt.AlignLeft | Qt.AlignTop, self._cached_text(
+            (cap, cap_rect.width(), fonts.key), lambda: _elide_lines(cap, fonts.small_fm, cap_rect.width(), 2)))
         p.restore()
+
+
+class _CellFonts:
+    """A result cell's fonts (derived from the view's) and their metrics."""
+
+    def __init__(self, base: QFont):
+        self.key = base.key()
+        size = max(8.0, base.pointSizeF() - 1)
+        self.bold = QFont(base)
+        self.bold.setBold(True)
+        self.rank = QFont(self.bold)
+        self.rank.setPointSizeF(size)
+        self.small = QFont(base)
+        self.small.setPointSizeF(size)
+        self.label = QFont(self.small)
+        self.label.setBold(True)
+        self.rank_fm, self.small_fm, self.label_fm = QFontMetrics(self.rank), QFontMetrics(self.small), QFontMetrics(self.label)
+
+
+_COLOURS = {
+    "selected_bg": QColor("#eff6ff"), "panel": QColor(theme.PANEL), "placeholder": QColor("#e5e7eb"),
+    "selected_pen": QPen(QColor(theme.ACCENT), 2), "border_pen": QPen(QColor(theme.BORDER), 1),
+    "muted": QColor(theme.MUTED), "text": QColor(theme.TEXT), "good": QColor(theme.GOOD), "bad": QColor(theme.BAD),
+    "white": QColor("white"), "rank_bg": QColor(0, 0, 0, 160),
+}
 
 
 def _elide_lines(text: str, fm: QFontMetrics, width: int, lines: int) -> str:
