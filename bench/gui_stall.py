@@ -1,6 +1,6 @@
 """Longest GUI-thread stall of the app's heavy scenarios (issue 16), offscreen.
 
-Usage: python bench/gui_stall.py [--json] [--side 7000]
+Usage: python bench/gui_stall.py [--json] [--side 7000] [--busy] [--profile]
 A 10 ms QTimer heartbeat runs on the GUI thread; each scenario reports the longest gap
 between two ticks, next to the reference measured first in the same run: the same
 timer's longest gap with nothing running (idle jitter). Scenarios: a text search, a
@@ -101,10 +101,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--side", type=int, default=7000)
+    ap.add_argument("--busy", action="store_true",
+                    help="run every scenario with a competing process keeping one core busy (started by the "
+                         "bench itself, so a contended run is reproducible rather than left to the host)")
     ap.add_argument("--profile", action="store_true",
                     help="while the GUI thread is stalled (> 30 ms without a tick), sample its stack every 5 ms "
                          "and print the most frequent frames per scenario (where the stall is)")
     args = ap.parse_args(argv)
+    busy = None
+    if args.busy:
+        from bench.common import busy_core
+
+        busy = busy_core()
+        busy.__enter__()
+    # finish() leaves with os._exit, past any finally: the competing process is stopped first
+    return _run(args, stop_busy=(lambda: busy.__exit__(None, None, None)) if busy else (lambda: None))
+
+
+def _run(args, stop_busy) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rsviewer-stall-"))
     os.environ["RSVIEWER_CONFIG_DIR"] = str(tmp / "config")
     os.environ["RSVIEWER_CACHE"] = str(tmp / "cache")  # no cached map: the first map is computed
@@ -172,7 +186,7 @@ def main(argv=None) -> int:
 
     cpu0 = _cpu_ticks()
     idle_until = time.monotonic() + 1.0
-    out = {"cpu": cpu_name(), "load_avg": os.getloadavg()[0], "side": args.side,
+    out = {"cpu": cpu_name(), "load_avg": os.getloadavg()[0], "side": args.side, "busy_core": args.busy,
            "idle_jitter_ms": measure(lambda: None, lambda: time.monotonic() > idle_until)}
     w = MainWindow(model="default")  # built on the GUI thread before the heartbeat: not a stall measured here
     w.resize(1400, 900)
@@ -200,8 +214,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
+        busy = "; one core kept busy by a competing process" if args.busy else ""
         print(f"CPU {out['cpu']} (load average {out['load_avg']:.1f}, {out['steal_pct']:.0f}% of CPU time stolen by "
-              f"the hypervisor); reference: idle jitter {out['idle_jitter_ms']:.0f} ms")
+              f"the hypervisor{busy}); reference: idle jitter {out['idle_jitter_ms']:.0f} ms")
         for k, v in out.items():
             if k.endswith("_ms") and k not in ("idle_jitter_ms", "target_ms", "gc_pause_ms", "first_paint_ms"):
                 print(f"  {k[:-3]:<12} longest stall {v:6.0f} ms")
@@ -211,6 +226,7 @@ def main(argv=None) -> int:
     sys.stdout.flush()
     shutil.rmtree(tmp, ignore_errors=True)  # its ONNX exports: ~120 MB a run
     w.close()
+    stop_busy()
     return finish(w, 0)
 
 
