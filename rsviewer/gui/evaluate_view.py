@@ -235,10 +235,20 @@ class QueryFilter(QSortFilterProxyModel):
 
 
 # ---------------------------------------------------------------------------- charts
-def _plot(title: str) -> pg.PlotWidget:
+def _title(text: str) -> QLabel:
+    """A chart's title as a word-wrapped label above the plot. pyqtgraph's own title sets
+    the plot's minimum width to the text's, so a long title (two model names) made the
+    plot wider than a narrow pane and cut its right-hand columns off."""
+    lab = QLabel(text)
+    lab.setWordWrap(True)
+    lab.setAlignment(Qt.AlignHCenter)
+    lab.setStyleSheet(f"color: {theme.TEXT}; background: {theme.PANEL}; padding: 4px;")
+    return lab
+
+
+def _plot() -> pg.PlotWidget:
     w = pg.PlotWidget(background=theme.PANEL)
     w.setMenuEnabled(False)
-    w.setTitle(title, color=theme.TEXT, size="10pt")
     for ax in ("left", "bottom"):
         w.getAxis(ax).setTextPen(theme.TEXT)
         w.getAxis(ax).setPen(theme.BORDER)
@@ -263,7 +273,10 @@ class ClassRecallChart(QWidget):
         super().__init__(parent)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        self.plot = _plot("per-class recall")
+        lay.setSpacing(0)
+        self.title = _title("per-class recall")
+        lay.addWidget(self.title)
+        self.plot = _plot()
         self.plot.getViewBox().setMouseEnabled(False, False)
         lay.addWidget(self.plot)
         self.values: dict[str, list[float]] = {}
@@ -286,7 +299,7 @@ class ClassRecallChart(QWidget):
         self.plot.getViewBox().invertY(True)
         self.plot.setLabel("bottom", f"{'text→image' if direction == 't2i' else 'image→text'} R@{k} (%)", color=theme.TEXT)
         legend = "  ".join(f"<span style='color:{COLORS[j]}'>■</span> {n}" for j, n in enumerate(names))
-        self.plot.setTitle(f"per-class R@{k} — {legend}", color=theme.TEXT, size="10pt")
+        self.title.setText(f"per-class R@{k} — {legend}")
 
 
 class ConfusionChart(QWidget):
@@ -298,9 +311,13 @@ class ConfusionChart(QWidget):
         super().__init__(parent)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        self.plot = _plot("label confusion")
+        lay.setSpacing(0)
+        self.title = _title("label confusion")
+        lay.addWidget(self.title)
+        self.plot = _plot()
         self.plot.getViewBox().setMouseEnabled(False, False)
         self.plot.getViewBox().invertY(True)
+        self.plot.getViewBox().setAspectLocked(True)  # square cells, whatever the pane's shape
         self.image = pg.ImageItem(axisOrder="row-major")
         self.plot.addItem(self.image)
         self.plot.scene().sigMouseClicked.connect(self._clicked)
@@ -331,10 +348,10 @@ class ConfusionChart(QWidget):
         _fit_axis(self.plot.getAxis("left"), left)
         self.plot.getAxis("bottom").setTicks([[(i + 0.5, str(i + 1)) for i in range(len(self.names))]])
         self.plot.setLabel("left", "ground-truth label", color=theme.TEXT)
-        self.plot.setLabel("bottom", "label of the top-1 result (numbered as the rows)", color=theme.TEXT)
+        self.plot.setLabel("bottom", "top-1 label (numbered as the rows)", color=theme.TEXT)
         off = int(m.sum() - np.trace(m))
-        self.plot.setTitle(f"{model_name}, {'text→image' if direction == 't2i' else 'image→text'}: {off}/"
-                           f"{int(m.sum())} top-1 off-label · click a cell", color=theme.TEXT, size="10pt")
+        self.title.setText(f"{model_name}, {'text→image' if direction == 't2i' else 'image→text'}: {off}/"
+                           f"{int(m.sum())} top-1 off-label · click a cell")
         self._fit()
 
     def _fit(self) -> None:
@@ -385,7 +402,10 @@ class RankHistogram(QWidget):
         super().__init__(parent)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        self.plot = _plot("rank distribution")
+        lay.setSpacing(0)
+        self.title = _title("rank distribution")
+        lay.addWidget(self.title)
+        self.plot = _plot()
         self.plot.getViewBox().setMouseEnabled(False, False)
         lay.addWidget(self.plot)
         self.counts: list[np.ndarray] = []
@@ -401,8 +421,7 @@ class RankHistogram(QWidget):
         self.plot.setLabel("bottom", "rank of the ground truth (ties in its favour)", color=theme.TEXT)
         self.plot.setLabel("left", "queries", color=theme.TEXT)
         legend = "  ".join(f"<span style='color:{COLORS[j]}'>■</span> {n}" for j, n in enumerate(names))
-        self.plot.setTitle(f"rank of the ground truth, {'text→image' if direction == 't2i' else 'image→text'} — {legend}",
-                           color=theme.TEXT, size="10pt")
+        self.title.setText(f"rank of the ground truth, {'text→image' if direction == 't2i' else 'image→text'} — {legend}")
 
 
 # ---------------------------------------------------------------------------- the tab
