@@ -22,7 +22,10 @@ from .metrics import retrieval_metrics
 from .rerank import rerank as apply_rerank
 
 
-def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _cat(parts: list[dict[str, torch.Tensor]], empty: bool = False) -> dict[str, torch.Tensor]:
+    """Concatenate per-batch states; ``empty``: the zero-row states shaped like ``parts``' one."""
+    if empty:
+        return {k: v[:0] for k, v in parts[0].items()}
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -71,22 +74,42 @@ def encode_texts(
     cancel: Optional[CancelToken] = None,
     runtime: str = "torch",
 ) -> dict[str, torch.Tensor]:
-    """Text states of every caption (CPU tensors); ``runtime`` as in :func:`encode_images`."""
+    """Text states of every caption (CPU tensors); ``runtime`` as in :func:`encode_images`.
+
+    Each distinct string is encoded once (UCM-Captions: 391 distinct among a val split's
+    1,050 captions) and the strings go in order of length, so a batch is padded to
+    captions of about its own length; the states are then put back in the given order.
+    Identical captions get bit-identical states."""
     _check_batch(batch_size)
     device = model.device
     tw = None if resolve_runtime(runtime, model) == "torch" else towers(model, runtime)
+    uniq, inverse = _distinct_by_length([t if t.strip() else "." for t in texts])
     parts = []
-    for s in range(0, len(texts), batch_size):
+    for s in range(0, len(uniq), batch_size):
         check(cancel)
-        chunk = [t if t.strip() else "." for t in texts[s : s + batch_size]]
+        chunk = uniq[s : s + batch_size]
         if tw is not None:
             st = tw.text_states(chunk, threads=default_threads())  # batch work: all cores
         else:
             with autocast(device):
                 st = model.text_states(chunk)
         parts.append({k: v.float().cpu() for k, v in st.items()})
-        report(progress, min(s + batch_size, len(texts)), len(texts), "encoding captions")
-    return _cat(parts)
+        report(progress, min(s + batch_size, len(uniq)), len(uniq), "encoding captions")
+    if not parts:
+        return _cat([{k: v.float().cpu() for k, v in model.text_states(["."]).items()}], empty=True)
+    idx = torch.as_tensor(inverse, dtype=torch.long)
+    return {k: v[idx] for k, v in _cat(parts).items()}
+
+
+def _distinct_by_length(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct strings, shortest first (ties in first-seen order), and for each
+    input the position of its string among them."""
+    first: dict[str, int] = {}
+    for t in texts:
+        first.setdefault(t, len(first))
+    uniq = sorted(first, key=lambda t: (len(t), first[t]))
+    pos = {t: i for i, t in enumerate(uniq)}
+    return uniq, np.fromiter((pos[t] for t in texts), np.int64, len(texts))
 
 
 @torch.no_grad()
