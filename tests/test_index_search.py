@@ -157,3 +157,25 @@ def test_index_next_to_its_images_moves_with_them(default_model, small_gallery, 
     assert all(Path(p).exists() and str(p).startswith(str(moved.resolve())) for p in (it["path"] for it in again.items))
     hit = search_text(default_model, again, "an airport", k=3).hits[0]
     assert Path(hit.path).exists()
+
+
+def test_encode_texts_encodes_each_distinct_caption_once_in_order(default_model, monkeypatch):
+    """Duplicates are encoded once (bit-identical states), the rest in the caller's order,
+    each equal to encoding it alone; an empty list gives zero rows."""
+    import torch
+
+    from rsviewer.retrieval.evaluate import encode_texts
+
+    texts = ["a long caption about many planes parked at the airport", "a river", "",
+             "a river", "four tennis courts next to a parking lot", "a river"]
+    seen = []
+    real = default_model.text_states
+    monkeypatch.setattr(default_model, "text_states", lambda chunk: (seen.extend(chunk), real(chunk))[1])
+    out = encode_texts(default_model, texts, batch_size=2, runtime="torch")["emb"]
+    assert sorted(seen) == sorted({t or "." for t in texts}) and len(seen) == 4  # "a river" once
+    assert torch.equal(out[1], out[3]) and torch.equal(out[1], out[5])
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            alone = real([t or "."])["emb"][0]
+            assert torch.allclose(out[i], alone, atol=1e-5), t
+    assert encode_texts(default_model, [], runtime="torch")["emb"].shape == (0, default_model.embed_dim)
