@@ -138,24 +138,35 @@ def list_models() -> list[Path]:
 
 
 def model_summaries(warn=None) -> list[dict]:
-    """One row per listed model (name, path, arch, embed_dim, parameters, val_mR, dataset).
+    """One row per listed model (name, path, arch, embed_dim, parameters, val_mR, cv_mR,
+    cv_se, dataset). ``cv_mR`` ± ``cv_se``: the cross-validation estimate of a model
+    retrained on train+val (which has no val figure: val was training data for it)."""
+    rows = []
+    for d, cfg, met in _read_listed(warn):
+        val = met.get("val") if isinstance(met.get("val"), dict) else {}
+        cv = met.get("cv") if isinstance(met.get("cv"), dict) else {}
+        rows.append({
+            "name": d.name, "path": str(d), "arch": cfg["arch"], "embed_dim": cfg.get("embed_dim"),
+            "parameters": cfg.get("parameters"), "val_mR": val.get("mR"), "cv_mR": cv.get("mR_mean"),
+            "cv_se": cv.get("mR_se"), "dataset": met.get("dataset"),
+        })
+    return rows
+
+
+def _read_listed(warn=None):
+    """(folder, config, metrics) of every listed model.
     A folder whose config.json or metrics.json is broken is left out, and ``warn``
     (default: a line on stderr) is told which and why, so one bad folder never hides the rest."""
     import sys
 
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    rows = []
+    out = []
     for d in list_models():
         try:
-            cfg, met = read_config(d), read_metrics(d)
-            val = met.get("val") if isinstance(met.get("val"), dict) else {}
-            rows.append({
-                "name": d.name, "path": str(d), "arch": cfg["arch"], "embed_dim": cfg.get("embed_dim"),
-                "parameters": cfg.get("parameters"), "val_mR": val.get("mR"), "dataset": met.get("dataset"),
-            })
+            out.append((d, read_config(d), read_metrics(d)))
         except ModelError as e:
             warn(f"skipping model {d.name}: {e}")
-    return rows
+    return out
 
 
 def _fingerprint(path: Path) -> str:

@@ -82,3 +82,28 @@ def test_dataset_with_missing_images(capsys, tmp_path):
     code, _, err = run(capsys, "eval", "--model", "default", "--data", str(tmp_path / "d.json"),
                        "--images", str(GALLERY_JSON.parent / "images"), "--split", "val")
     assert code == 2 and "1 of 4 images" in err and "not-there.jpg" in err and err.count("\n") == 1
+
+
+def test_models_lists_the_cv_estimate_of_a_retrained_model(capsys, tmp_path, monkeypatch):
+    """A model retrained on train+val after CV has no val figure; the listing shows its CV
+    mR ± SE instead (and a val-selected model keeps its val mR)."""
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "default", root / "cvmodel")
+    cfg_only = root / "valmodel"
+    cfg_only.mkdir()
+    shutil.copy(REPO / "models" / "default" / "config.json", cfg_only / "config.json")
+    (cfg_only / "metrics.json").write_text(json.dumps({"val": {"mR": 47.25}}))
+    met = json.loads((root / "cvmodel" / "metrics.json").read_text())
+    met["cv"].update(mR_mean=51.234, mR_se=0.567)
+    (root / "cvmodel" / "metrics.json").write_text(json.dumps(met))
+    monkeypatch.setenv("RSVIEWER_MODELS", str(root))
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    lines = {ln.split()[0]: ln for ln in out.splitlines()}
+    assert "CV mR  51.23 ± 0.57" in lines["cvmodel"] and "val mR" not in lines["cvmodel"]
+    assert "val mR  47.25" in lines["valmodel"]
+    code, out, _ = run(capsys, "models", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["cvmodel"]["cv_mR"] == 51.234 and rows["valmodel"]["cv_mR"] is None

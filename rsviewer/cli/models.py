@@ -1,11 +1,11 @@
-"""rsviewer models — list the model folders rsviewer can find, with their val numbers."""
+"""rsviewer models — list the model folders rsviewer can find, with their val (or cross-validation) numbers."""
 from __future__ import annotations
 
 from .common import add_json_arg, emit
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list available models (models/ folders) and their val mR")
+    p = sub.add_parser("models", help="list available models (models/ folders) with their val mR, or CV mR for a model retrained after cross-validation")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -14,10 +14,13 @@ def run(args) -> int:
     from ..checkpoint import model_summaries
 
     rows = model_summaries()  # a broken folder: one warning line on stderr, the rest listed
-    def mr(r):
+    def mr(r):  # a model retrained after cross-validation has no val figure: its CV estimate instead
+        if isinstance(r.get("cv_mR"), (int, float)):
+            return f" CV mR {r['cv_mR']:6.2f} ± {r['cv_se']:.2f}" if isinstance(r.get("cv_se"), (int, float)) \
+                else f" CV mR {r['cv_mR']:6.2f}"
         v = r["val_mR"]
-        return format(v, "6.2f") if isinstance(v, (int, float)) else "     —"
+        return f"val mR {v:6.2f}" if isinstance(v, (int, float)) else "val mR      —"
 
-    lines = [f"{r['name']:<16} {r['arch']:<8} val mR {mr(r)}  {r['path']}" for r in rows]
+    lines = [f"{r['name']:<16} {r['arch']:<8} {mr(r):<20} {r['path']}" for r in rows]
     emit(args, rows, "\n".join(lines) or "no models found")
     return 0

@@ -287,7 +287,10 @@ class MainWindow(QMainWindow):
             m = {}
         val = m.get("val") or m.get("metrics") or {} if isinstance(m, dict) else {}
         mr = val.get("mR") if isinstance(val, dict) else None
+        cv = m.get("cv") if isinstance(m, dict) and isinstance(m.get("cv"), dict) else {}
         extra = f" · val mR {mr:.1f}" if isinstance(mr, (int, float)) else ""
+        if isinstance(cv.get("mR_mean"), (int, float)):  # retrained on train+val: no val figure, a CV estimate
+            extra = f" · CV mR {cv['mR_mean']:.1f}" + (f" ± {cv['mR_se']:.1f}" if isinstance(cv.get("mR_se"), (int, float)) else "")
         return f"{getattr(model, 'name', model.arch)}: {model.arch}, {model.embed_dim}-d embeddings{extra}"
 
     def _load_failed(self, ticket, msg: str) -> None:
