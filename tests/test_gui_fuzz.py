@@ -433,12 +433,16 @@ CLOSE_SCRIPT = textwrap.dedent("""
     def close():
         wins = [w for w in QApplication.topLevelWidgets() if type(w).__name__ == "MainWindow"]
         # the first load starts once the window has painted: "loading" waits for it to be running
+        from rsviewer.runtime import export
         if not wins or (when == "idle" and wins[0].model is None) or (when == "loading" and not
-                                                                      wins[0].jobs.busy("load")):
+                                                                      wins[0].jobs.busy("load")) \
+                or (when == "exporting" and not export._children and wins[0].model is None):
             QTimer.singleShot(20, close)
             return
         w = wins[0]
-        if when == "loading":
+        if when == "exporting":
+            assert export._children, "the model loaded without an export"
+        if when in ("loading", "exporting"):
             assert w.model is None
         print("closing", time.time(), flush=True)
         w.close()
@@ -448,10 +452,27 @@ CLOSE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("when", ["loading", "idle"])
+def _export_children_of(cache: str) -> list[int]:
+    """Pids of live ONNX export children (runtime.export._child_main) working for ``cache``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if b"_child_main" in (d / "cmdline").read_bytes() and \
+                    f"RSVIEWER_CACHE={cache}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                pids.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("when", ["loading", "exporting", "idle"])
 def test_close_exits_within_a_second_without_tracebacks(tmp_path, when, capfd):
+    """Also during the first load's ONNX export, which runs in a child process: the child
+    is stopped with the app (it used to run on for its ~10 s) and leaves no partial file."""
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen", RSVIEWER_CONFIG_DIR=str(tmp_path / "cfg"),
                PYTHONPATH=str(REPO))
+    if when == "exporting":  # an empty cache of its own: the first load must export
+        env["RSVIEWER_CACHE"] = str(tmp_path / "cache")
     p = subprocess.Popen([sys.executable, "-c", CLOSE_SCRIPT, when], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     watchdog = threading.Timer(180, p.kill)  # a child that never closes fails the test instead of hanging it
@@ -468,6 +489,12 @@ def test_close_exits_within_a_second_without_tracebacks(tmp_path, when, capfd):
     assert p.returncode == 0, err
     assert clean_stderr(err) == "", err
     assert t_exit - t_close <= 1.0, f"exit took {t_exit - t_close:.2f} s after close()"
+    cache = env["RSVIEWER_CACHE"]
+    if sys.platform.startswith("linux"):  # /proc: the child's command line and environment
+        assert _export_children_of(cache) == [], "an export child outlived the app"
+    onnx = Path(cache) / "onnx"
+    leftovers = [p.name for p in onnx.iterdir() if p.name.startswith(".")] if onnx.is_dir() else []
+    assert leftovers == [], leftovers  # no temporary file of a stopped export
     with capfd.disabled():
         print(f"\nclose while {when}: exited {t_exit - t_close:.2f} s after close()")
 

@@ -79,11 +79,14 @@ def finish(win, rc: int) -> int:
     writes is left half-done: writes are atomic, settings are synced when written, and
     the cancelled writers have already cleaned up). Interpreter teardown of torch and Qt
     alone took ~5 s. ``RSVIEWER_FAST_EXIT=0`` returns normally when every job stopped."""
+    from ..runtime.export import stop_export_children
     from .util import shutdown_thumbs
 
     if not win.isHidden():
         win.close()
     clean = win.jobs.shutdown(100) and shutdown_thumbs(100)
+    if stop_export_children():  # a first load's ONNX export would otherwise run on after the app left
+        clean = False
     sys.stdout.flush()
     sys.stderr.flush()
     if not clean or os.environ.get("RSVIEWER_FAST_EXIT", "1") == "1":

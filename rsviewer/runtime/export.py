@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import Cancelled
 from ..utils.atomic import atomic_file, write_json
 
 log = logging.getLogger("rsviewer.runtime")
@@ -258,7 +260,7 @@ def _export_in_child(model, specs: Sequence[tuple[str, Optional[int]]]) -> dict[
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] +
                                         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL, env=env)
+        proc = _run_child(cmd, env)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("rsviewer: export in a child process failed to run (%s); exporting here", e)
         return {}
@@ -277,11 +279,65 @@ def _export_in_child(model, specs: Sequence[tuple[str, Optional[int]]]) -> dict[
     return out
 
 
+_children: set = set()  # export children running now (stop_export_children ends them)
+_stopped: set = set()  # ... and those it ended: their parent gives up instead of exporting itself
+_children_lock = threading.Lock()
+
+
+def _run_child(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with the child registered, so that an app leaving while a first
+    load exports can stop it (:func:`stop_export_children`) instead of leaving it running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=env)
+    with _children_lock:
+        _children.add(proc)
+    try:
+        out, err = proc.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
+        with _children_lock:
+            _children.discard(proc)
+            stopped = proc in _stopped
+            _stopped.discard(proc)
+    if stopped:  # the app is leaving: no fallback export in this process
+        raise Cancelled("the export was stopped")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def stop_export_children(wait_s: float = 0.5) -> int:
+    """Terminate every running export child and wait up to ``wait_s`` for them; returns
+    how many were stopped. A stopped child leaves no partial export: it exits through its
+    SIGTERM handler, so the atomic writers remove their temporary files, and the cache
+    keeps what it had (the next load exports again)."""
+    with _children_lock:
+        procs = [p for p in _children if p.poll() is None]
+        _stopped.update(procs)
+    for p in procs:
+        try:
+            p.terminate()
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return len(procs)
+
+
 def _child_main(argv: Sequence[str]) -> int:
     """The child of :func:`_export_in_child` (argv: folder, key, tower:size…): exit 0 with
     the sidecars written, 3 when the folder's weights are not the parent's model (another
     fingerprint), 1 on an error."""
     folder, key, specs = argv[0], argv[1], [(a.split(":")[0], int(a.split(":")[1]) or None) for a in argv[2:]]
+    import signal
+
+    # stopped by the app (stop_export_children): leave through Python, so atomic writes clean up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), 10))  # under the GUI
     except (AttributeError, OSError):  # Windows, or not permitted
