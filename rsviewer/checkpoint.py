@@ -140,11 +140,14 @@ def list_models() -> list[Path]:
 def model_summaries(warn=None) -> list[dict]:
     """One row per listed model (name, path, arch, embed_dim, parameters, val_mR, cv_mR,
     cv_se, dataset). ``cv_mR`` ± ``cv_se``: the cross-validation estimate of a model
-    retrained on train+val (which has no val figure: val was training data for it)."""
+    retrained on train+val (which has no val figure: val was training data for it), the
+    nested one for an ensemble whose weights CV chose."""
     rows = []
     for d, cfg, met in _read_listed(warn):
         val = met.get("val") if isinstance(met.get("val"), dict) else {}
         cv = met.get("cv") if isinstance(met.get("cv"), dict) else {}
+        # an ensemble's weights were chosen on the same folds: its nested figure is the estimate
+        cv = cv["nested"] if isinstance(cv.get("nested"), dict) else cv
         rows.append({
             "name": d.name, "path": str(d), "arch": cfg["arch"], "embed_dim": cfg.get("embed_dim"),
             "parameters": cfg.get("parameters"), "val_mR": val.get("mR"), "cv_mR": cv.get("mR_mean"),

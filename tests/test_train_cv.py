@@ -169,3 +169,28 @@ def test_ensemble_tta_is_the_mean_of_dihedral_views(two_models):
     with torch.no_grad():
         rot = ens.encode_image(dihedral(ens.preprocess(ims), 1))
     assert torch.allclose(rot, got, atol=1e-4)
+
+
+def test_ensemble_runs_in_its_members_onnx_towers(two_models, tmp_path, capfd):
+    """No graph of its own (it has no tokenizer): each member's exported towers serve it,
+    with the same states as the ensemble in PyTorch and no fallback warning."""
+    from rsviewer.archs.registry import create_model
+    from rsviewer.runtime import towers
+    from rsviewer.runtime.towers import MemberTowers
+
+    _, (a, _) = two_models
+    torch.manual_seed(7)
+    c = save_model(create_model("lite", **TINY_MODEL), tmp_path / "c")
+    ens = build_ensemble([str(a), str(c)], [0.6, 0.4])
+    tw = towers(ens, "onnx")
+    assert isinstance(tw, MemberTowers)
+    x = ens.preprocess(_pixels())
+    with torch.no_grad():
+        ref_i, ref_t = ens.image_states(x), ens.text_states(TEXTS)
+    got_i, got_t = tw.image_states(x), tw.text_states(TEXTS)
+    for ref, got in ((ref_i, got_i), (ref_t, got_t)):
+        assert float(torch.nn.functional.cosine_similarity(ref["emb"], got["emb"]).min()) >= 0.9999
+    info = tw.info()
+    assert info["image"].split("; ") == [f"{a.name}: onnx", "c: onnx"], info
+    assert info["text"].split("; ") == [f"{a.name}: onnx", "c: onnx"], info
+    assert "runs in PyTorch" not in capfd.readouterr().err

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from ..errors import ModelError
 from .base import BaseConfig, RetrievalModel
 from .registry import register
+
+# (member index, member input) -> that member's states: how an ensemble reaches its members' towers
+MemberEncoder = Callable[[int, Any], dict]
 
 
 @dataclass
@@ -124,21 +127,31 @@ class Ensemble(RetrievalModel):
             own["emb"] = states["emb"][..., start : start + self.members[i].embed_dim] / self.mix[i].sqrt().clamp_min(1e-12)
         return own
 
-    def _member_image_states(self, m: RetrievalModel, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self._member_pixels(m, pixels)
+    def _member_image_states(self, i: int, pixels: torch.Tensor, encode: MemberEncoder) -> dict[str, torch.Tensor]:
+        x = self._member_pixels(self.members[i], pixels)
         if self.cfg.views <= 1:
-            return m.image_states(x)
+            return encode(i, x)
         from ..train.cache import dihedral
 
-        embs = torch.stack([torch.nn.functional.normalize(m.image_states(dihedral(x, v))["emb"].float(), dim=-1)
+        embs = torch.stack([torch.nn.functional.normalize(encode(i, dihedral(x, v))["emb"].float(), dim=-1)
                             for v in range(int(self.cfg.views))])
         return {"emb": torch.nn.functional.normalize(embs.mean(0), dim=-1)}
 
-    def image_states(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._combine([self._member_image_states(m, pixels) for m in self.members])
+    @property
+    def runtime_members(self) -> list[RetrievalModel]:
+        """The models whose towers the runtime runs for this one (:mod:`rsviewer.runtime`):
+        an ensemble has no graph of its own; each member's export serves it."""
+        return list(self.members)
 
-    def text_states(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self._combine([m.text_states(texts) for m in self.members])
+    def image_states(self, pixels: torch.Tensor, member_states: Optional[MemberEncoder] = None) -> dict[str, torch.Tensor]:
+        """``member_states(i, member_pixels)``: member i's image states (default: its own
+        ``image_states``; the runtime passes its exported towers)."""
+        encode = member_states or (lambda i, x: self.members[i].image_states(x))
+        return self._combine([self._member_image_states(i, pixels, encode) for i in range(len(self.members))])
+
+    def text_states(self, texts: Sequence[str], member_states: Optional[MemberEncoder] = None) -> dict[str, torch.Tensor]:
+        encode = member_states or (lambda i, t: self.members[i].text_states(t))
+        return self._combine([encode(i, texts) for i in range(len(self.members))])
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_states(pixels)["emb"]

@@ -288,6 +288,7 @@ class MainWindow(QMainWindow):
         val = m.get("val") or m.get("metrics") or {} if isinstance(m, dict) else {}
         mr = val.get("mR") if isinstance(val, dict) else None
         cv = m.get("cv") if isinstance(m, dict) and isinstance(m.get("cv"), dict) else {}
+        cv = cv["nested"] if isinstance(cv.get("nested"), dict) else cv  # an ensemble's weights: chosen by CV
         extra = f" · val mR {mr:.1f}" if isinstance(mr, (int, float)) else ""
         if isinstance(cv.get("mR_mean"), (int, float)):  # retrained on train+val: no val figure, a CV estimate
             extra = f" · CV mR {cv['mR_mean']:.1f}" + (f" ± {cv['mR_se']:.1f}" if isinstance(cv.get("mR_se"), (int, float)) else "")

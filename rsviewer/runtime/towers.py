@@ -242,6 +242,12 @@ class Towers:
         out = sess.run(meta["outputs"], {k: toks[k].cpu().numpy() for k in meta["inputs"]})
         return {k: torch.from_numpy(v) for k, v in zip(meta["outputs"], out)}
 
+    def prepare(self, specs) -> None:
+        """Export (once per fingerprint) the ``(tower, size)`` graphs ``specs`` ahead of use."""
+        from .export import prepare_towers
+
+        prepare_towers(self.model, specs)
+
     def info(self) -> dict:
         """What runs where: ``{"runtime", "image": "onnx"|"torch (reason)", "text": ..., "parity"}``."""
         def where(tower):
@@ -258,14 +264,58 @@ class Towers:
         return {**out, "parity": self.parity}
 
 
-def towers(model, runtime: str = "auto") -> Towers:
-    """The memoised :class:`Towers` of ``model`` for ``runtime``."""
+class MemberTowers:
+    """The towers of a model made of other models (an ensemble: ``model.runtime_members``).
+    Each member runs in its own memoised :class:`Towers` — its own export, parity check and
+    fallback — and the model combines their states, so an ensemble of exportable models
+    runs in ONNX Runtime without a graph of its own. Same interface as :class:`Towers`."""
+
+    def __init__(self, model, runtime: str = "auto"):
+        self.model = model
+        self.runtime = resolve_runtime(runtime, model)
+        self.members = [towers(m, runtime) for m in model.runtime_members]
+
+    @torch.no_grad()
+    def image_states(self, pixels: torch.Tensor, threads: Optional[int] = None) -> dict[str, torch.Tensor]:
+        st = self.model.image_states(pixels.cpu(), member_states=lambda i, x: self.members[i].image_states(x, threads))
+        return {k: v.float().cpu() for k, v in st.items()}
+
+    @torch.no_grad()
+    def text_states(self, texts: Sequence[str], threads: Optional[int] = None) -> dict[str, torch.Tensor]:
+        st = self.model.text_states(list(texts), member_states=lambda i, t: self.members[i].text_states(t, threads))
+        return {k: v.float().cpu() for k, v in st.items()}
+
+    def maps_available(self) -> bool:
+        return False  # no shared feature maps of its own: localization encodes windows
+
+    def feature_maps(self, pixels: torch.Tensor, threads: Optional[int] = None) -> dict[str, torch.Tensor]:
+        return self.model.feature_maps(pixels)
+
+    def prepare(self, specs) -> None:
+        for tw in self.members:
+            tw.prepare(specs)
+
+    def info(self) -> dict:
+        """Like :meth:`Towers.info`, each tower as ``member: where`` for every member."""
+        infos = [(getattr(tw.model, "name", tw.model.arch), tw.info()) for tw in self.members]
+        out = {"runtime": self.runtime}
+        for tower in ("image", "text"):
+            out[tower] = "; ".join(f"{name}: {i[tower]}" for name, i in infos)
+        return {**out, "parity": {name: i["parity"] for name, i in infos}}
+
+
+def towers(model, runtime: str = "auto"):
+    """The memoised :class:`Towers` of ``model`` for ``runtime`` (:class:`MemberTowers`
+    for a model made of members)."""
     name = resolve_runtime(runtime, model)
     with _lock:
         per = _towers.setdefault(model, {})
         tw = per.get(name)
-        if tw is None:
-            tw = per[name] = Towers(model, name)
+    if tw is None:  # outside the lock: MemberTowers makes its members' towers through towers()
+        kind = MemberTowers if hasattr(model, "runtime_members") else Towers
+        made = kind(model, name)
+        with _lock:
+            tw = per.setdefault(name, made)
     return tw
 
 
@@ -274,9 +324,7 @@ def warm_up(model, runtime: str = "auto") -> dict:
     first user query is warm. Returns :meth:`Towers.info`. Safe to call from a worker thread."""
     tw = towers(model, runtime)
     if tw.runtime in GRAPH_RUNTIMES:
-        from .export import prepare_towers
-
-        prepare_towers(model, [("text", None), ("image", model.image_size)])  # one child for both (the app)
+        tw.prepare([("text", None), ("image", model.image_size)])  # one child for both (the app)
     tw.text_states(["a warm-up query"])
     tw.text_states(["a"] * (QUERY_BATCH + 1))  # the batch session too (index building)
     from .export import image_example
