@@ -142,18 +142,22 @@ def model_summaries(warn=None) -> list[dict]:
     cv_se, dataset). ``cv_mR`` ± ``cv_se``: the cross-validation estimate of a model
     retrained on train+val (which has no val figure: val was training data for it), the
     nested one for an ensemble whose weights CV chose."""
-    rows = []
-    for d, cfg, met in _read_listed(warn):
-        val = met.get("val") if isinstance(met.get("val"), dict) else {}
-        cv = met.get("cv") if isinstance(met.get("cv"), dict) else {}
-        # an ensemble's weights were chosen on the same folds: its nested figure is the estimate
-        cv = cv["nested"] if isinstance(cv.get("nested"), dict) else cv
-        rows.append({
-            "name": d.name, "path": str(d), "arch": cfg["arch"], "embed_dim": cfg.get("embed_dim"),
-            "parameters": cfg.get("parameters"), "val_mR": val.get("mR"), "cv_mR": cv.get("mR_mean"),
-            "cv_se": cv.get("mR_se"), "dataset": met.get("dataset"),
-        })
-    return rows
+    return [{"name": d.name, "path": str(d), "arch": cfg["arch"], "embed_dim": cfg.get("embed_dim"),
+             "parameters": cfg.get("parameters"), **model_figures(met), "dataset": met.get("dataset")}
+            for d, cfg, met in _read_listed(warn)]
+
+
+def model_figures(metrics) -> dict:
+    """``val_mR``, ``cv_mR`` and ``cv_se`` (None where absent) from a ``metrics.json``: the
+    val figure of a val-selected model, the CV estimate of one retrained after CV (the
+    nested one for an ensemble, whose weights CV chose on the same folds)."""
+    met = metrics if isinstance(metrics, dict) else {}
+    val = met.get("val") or met.get("metrics") or {}
+    cv = met.get("cv") if isinstance(met.get("cv"), dict) else {}
+    cv = cv["nested"] if isinstance(cv.get("nested"), dict) else cv
+    num = lambda v: v if isinstance(v, (int, float)) else None  # noqa: E731
+    return {"val_mR": num(val.get("mR")) if isinstance(val, dict) else None,
+            "cv_mR": num(cv.get("mR_mean")), "cv_se": num(cv.get("mR_se"))}
 
 
 def _read_listed(warn=None):

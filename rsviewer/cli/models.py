@@ -15,11 +15,9 @@ def run(args) -> int:
 
     rows = model_summaries()  # a broken folder: one warning line on stderr, the rest listed
     def mr(r):  # a model retrained after cross-validation has no val figure: its CV estimate instead
-        if isinstance(r.get("cv_mR"), (int, float)):
-            return f" CV mR {r['cv_mR']:6.2f} ± {r['cv_se']:.2f}" if isinstance(r.get("cv_se"), (int, float)) \
-                else f" CV mR {r['cv_mR']:6.2f}"
-        v = r["val_mR"]
-        return f"val mR {v:6.2f}" if isinstance(v, (int, float)) else "val mR      —"
+        if r["cv_mR"] is not None:
+            return f" CV mR {r['cv_mR']:6.2f}" + (f" ± {r['cv_se']:.2f}" if r["cv_se"] is not None else "")
+        return f"val mR {r['val_mR']:6.2f}" if r["val_mR"] is not None else "val mR      —"
 
     lines = [f"{r['name']:<16} {r['arch']:<8} {mr(r):<20} {r['path']}" for r in rows]
     emit(args, rows, "\n".join(lines) or "no models found")

@@ -278,20 +278,17 @@ class MainWindow(QMainWindow):
             self._run(again)
 
     def _model_info(self, model) -> str:
-        from ..checkpoint import read_metrics
+        from ..checkpoint import model_figures, read_metrics
 
         md = getattr(model, "model_dir", None)
         try:
             m = read_metrics(md) if md else {}
         except (OSError, ValueError, RsviewerError):  # metrics are optional: the info line just omits them
             m = {}
-        val = m.get("val") or m.get("metrics") or {} if isinstance(m, dict) else {}
-        mr = val.get("mR") if isinstance(val, dict) else None
-        cv = m.get("cv") if isinstance(m, dict) and isinstance(m.get("cv"), dict) else {}
-        cv = cv["nested"] if isinstance(cv.get("nested"), dict) else cv  # an ensemble's weights: chosen by CV
-        extra = f" · val mR {mr:.1f}" if isinstance(mr, (int, float)) else ""
-        if isinstance(cv.get("mR_mean"), (int, float)):  # retrained on train+val: no val figure, a CV estimate
-            extra = f" · CV mR {cv['mR_mean']:.1f}" + (f" ± {cv['mR_se']:.1f}" if isinstance(cv.get("mR_se"), (int, float)) else "")
+        f = model_figures(m)
+        extra = f" · val mR {f['val_mR']:.1f}" if f["val_mR"] is not None else ""
+        if f["cv_mR"] is not None:  # retrained on train+val: no val figure, a CV estimate
+            extra = f" · CV mR {f['cv_mR']:.1f}" + (f" ± {f['cv_se']:.1f}" if f["cv_se"] is not None else "")
         return f"{getattr(model, 'name', model.arch)}: {model.arch}, {model.embed_dim}-d embeddings{extra}"
 
     def _load_failed(self, ticket, msg: str) -> None:
