@@ -22,10 +22,7 @@ from .metrics import retrieval_metrics
 from .rerank import rerank as apply_rerank
 
 
-def _cat(parts: list[dict[str, torch.Tensor]], empty: bool = False) -> dict[str, torch.Tensor]:
-    """Concatenate per-batch states; ``empty``: the zero-row states shaped like ``parts``' one."""
-    if empty:
-        return {k: v[:0] for k, v in parts[0].items()}
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -95,8 +92,9 @@ def encode_texts(
                 st = model.text_states(chunk)
         parts.append({k: v.float().cpu() for k, v in st.items()})
         report(progress, min(s + batch_size, len(uniq)), len(uniq), "encoding captions")
-    if not parts:
-        return _cat([{k: v.float().cpu() for k, v in model.text_states(["."]).items()}], empty=True)
+    if not parts:  # no captions: zero rows shaped like one caption's states
+        with autocast(device):
+            return {k: v[:0].float().cpu() for k, v in model.text_states(["."]).items()}
     idx = torch.as_tensor(inverse, dtype=torch.long)
     return {k: v[idx] for k, v in _cat(parts).items()}
 
