@@ -179,3 +179,21 @@ def test_encode_texts_encodes_each_distinct_caption_once_in_order(default_model,
             alone = real([t or "."])["emb"][0]
             assert torch.allclose(out[i], alone, atol=1e-5), t
     assert encode_texts(default_model, [], runtime="torch")["emb"].shape == (0, default_model.embed_dim)
+
+
+def test_encode_images_feeds_the_cpu_tower_micro_batches(default_model, monkeypatch):
+    """A batch of 10 goes through the image tower 4 + 4 + 2 on the CPU (cache-sized
+    micro-batches), and the states equal those of each image alone."""
+    import torch
+
+    from rsviewer.retrieval import evaluate
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "assets" / "gallery" / "images").glob("*.jpg"))[:10]
+    sizes = []
+    real = default_model.image_states
+    monkeypatch.setattr(default_model, "image_states", lambda px: (sizes.append(len(px)), real(px))[1])
+    out = evaluate.encode_images(default_model, paths, batch_size=10, runtime="torch")["emb"]
+    assert evaluate.CPU_MICRO_BATCH == 4 and sizes == [4, 4, 2]
+    with torch.no_grad():
+        alone = real(default_model.preprocess([evaluate.load_image(paths[7])]))["emb"][0]
+    assert out.shape == (10, default_model.embed_dim) and torch.allclose(out[7], alone, atol=1e-5)
