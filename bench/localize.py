@@ -25,8 +25,10 @@ average before/after and the CPU model, because the machine may be shared.
 The timing mode runs the child twice on the same scene, each with a fresh window cache:
 with ``--runtime`` (default ``auto``: the ONNX feature-map graph ``maps``,
 :mod:`rsviewer.runtime`) and with ``--runtime eager`` (the reference: the same shared-map
-work through plain ``model.feature_maps`` in torch eager fp32, the fused inference copy of
-:mod:`rsviewer.localize.fused` switched off), and prints both first- and second-query
+work through plain ``model.feature_maps`` in torch eager, the fused inference copy of
+:mod:`rsviewer.localize.fused` switched off, at rsviewer's precision — ``auto``: bf16
+autocast on a CPU with AVX512-BF16, fp32 elsewhere; ``--reference-precision fp32`` makes
+it torch's default fp32), and prints both first- and second-query
 seconds, their ratios (reference / rsviewer) and the CPU (:mod:`bench.common`).
 ``--reference torch`` compares with rsviewer's own PyTorch path instead (fused backbone).
 The one-off ONNX export/load (``runtime_setup_s``; in the user cache after a first run)
@@ -281,11 +283,11 @@ def fidelity(args) -> dict:
     return out
 
 
-def _run_child(args, scene: str, cache: Path, runtime: str):
+def _run_child(args, scene: str, cache: Path, runtime: str, precision: str):
     """One child process (fresh window cache) at ``runtime``; its JSON, or None on failure."""
     env = dict(os.environ, RSVIEWER_CACHE=str(cache), PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--child", "--scene", scene, "--model", args.model, "--device", args.device,
-           "--mode", args.mode, "--precision", args.precision, "--windows", args.windows,
+           "--mode", args.mode, "--precision", precision, "--windows", args.windows,
            "--threads", str(args.threads), "--tile", str(args.tile), "--runtime", runtime]
     if args.input_size:
         cmd += ["--input-size", str(args.input_size)]
@@ -320,6 +322,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "openvino", "torch", "eager"],
                     help="rsviewer's runtime (default auto); eager: plain torch, no fused backbone")
+    ap.add_argument("--reference-precision", default=None, choices=["auto", "fp32", "bf16"],
+                    help="the reference's precision (default: --precision; fp32: torch's default)")
     ap.add_argument("--reference", default="eager", choices=["eager", "torch"],
                     help="the same-run reference: eager (plain torch fp32, default) or torch (the fused backbone)")
     ap.add_argument("--no-reference", action="store_true", help="do not also run the same-run reference")
@@ -359,9 +363,10 @@ def main() -> int:
 
         info.update(cpu=cpu_model(), cpu_flags=cpu_flags(), cores=os.cpu_count(), loadavg=loadavg())
         ref = f"reference_{args.reference}"
-        runs = [("rsviewer", args.runtime)] + ([] if args.no_reference else [(ref, args.reference)])
-        for name, rt in runs:
-            res = _run_child(args, scene, Path(tmp) / f"cache-{name}", rt)
+        ref_prec = args.reference_precision or args.precision
+        runs = [("rsviewer", args.runtime, args.precision)] + ([] if args.no_reference else [(ref, args.reference, ref_prec)])
+        for name, rt, prec in runs:
+            res = _run_child(args, scene, Path(tmp) / f"cache-{name}", rt, prec)
             if res is None:
                 return 1
             if name == "rsviewer":
