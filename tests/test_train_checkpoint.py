@@ -217,3 +217,30 @@ def test_partial_backbone_finetuning(tmp_path):
         # the split path equals the model's full forward (what search, explain, localize run)
         full = model.image_proj(model.pool(model.feature_maps(x)))
         assert torch.allclose(model.encode_image(x), torch.nn.functional.normalize(full, dim=-1), atol=1e-5)
+
+
+def test_feature_cache_feeds_the_cpu_tower_micro_batches(tmp_path, monkeypatch):
+    """The frozen-feature cache sends a batch of 10 images through the image tower
+    4 + 4 + 2 per view on the CPU, and every cached feature equals that of the image alone."""
+    from pathlib import Path
+
+    from rsviewer.data import load_image
+    from rsviewer.train.cache import dihedral, image_feature_cache
+    from rsviewer.utils import device as device_mod
+
+    monkeypatch.setenv("RSVIEWER_CACHE", str(tmp_path / "cache"))
+    paths = sorted((Path(__file__).resolve().parents[1] / "assets" / "gallery" / "images").glob("*.jpg"))[:10]
+    model = create_model("lite", hidden=32, embed_dim=16)
+    model.freeze_bases()
+    model.eval()
+    sizes = []
+    real = model.image_features
+    monkeypatch.setattr(model, "image_features", lambda px: (sizes.append(len(px)), real(px))[1])
+    feats = image_feature_cache(model, paths, views=2, batch_size=10)
+    assert device_mod.CPU_MICRO_BATCH == 4 and sizes == [4, 4, 4, 4, 2, 2]  # 3 micro-batches x 2 views
+    with torch.no_grad():
+        px = model.preprocess([load_image(paths[6])])
+        alone = {k: v[0].float() for k, v in real(dihedral(px, 1)).items()}
+    for k, v in alone.items():
+        cached = torch.from_numpy(np.array(feats[k][6, 1])).float()
+        assert cached.shape == v.shape and torch.allclose(cached, v, atol=2e-3 * (1 + v.abs().max().item()))

@@ -16,17 +16,10 @@ from ..archs.base import RetrievalModel
 from ..data import Dataset, load_dataset, load_image
 from ..runtime import resolve_runtime, towers
 from ..runtime.towers import default_threads
-from ..utils.device import autocast
+from ..utils.device import CPU_MICRO_BATCH, autocast, micro_batch
 from ..utils.progress import CancelToken, ProgressFn, check, report
 from .metrics import retrieval_metrics
 from .rerank import rerank as apply_rerank
-
-
-# On the CPU a batch of images goes through the image tower a few at a time: the
-# activations of 4 images at 256 px stay in cache, those of 32 do not. Measured on the
-# demo index (2-core AVX-512 EPYC, docs/runtime.md): torch eager 2.6x faster than whole
-# batches of 32, ONNX Runtime about 1.15x. The batch size still sets progress and memory.
-CPU_MICRO_BATCH = 4
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -59,7 +52,7 @@ def encode_images(
     for s in range(0, len(paths), batch_size):
         check(cancel)
         pixels = model.preprocess([load_image(p) for p in paths[s : s + batch_size]])
-        step = CPU_MICRO_BATCH if device.type == "cpu" else len(pixels)
+        step = micro_batch(device, len(pixels), CPU_MICRO_BATCH)  # read here: bench/index.py varies it
         for m in range(0, len(pixels), step):
             parts.append(_image_states(model, tw, pixels[m : m + step]))
         report(progress, min(s + batch_size, len(paths)), len(paths), message)
