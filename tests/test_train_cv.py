@@ -194,3 +194,42 @@ def test_ensemble_runs_in_its_members_onnx_towers(two_models, tmp_path, capfd):
     assert info["image"].split("; ") == [f"{a.name}: onnx", "c: onnx"], info
     assert info["text"].split("; ") == [f"{a.name}: onnx", "c: onnx"], info
     assert "runs in PyTorch" not in capfd.readouterr().err
+
+
+@needs_shared()
+def test_fold_runs_in_parallel_merge_into_the_same_cv_and_final_model(tmp_path, capsys):
+    """Folds run as separate ``--cv-only --cv-folds`` runs (one per core or machine) merge
+    into the CV that one run of all folds gives: same curve, same chosen epoch, same held-out
+    scores; the final model is then trained from the merge without rerunning a fold."""
+    cfg = TrainConfig(**{**TINY_CV, "epochs": 3})
+    kw = dict(model_config=TINY_MODEL, config=cfg, log=lambda m: None)
+    whole = cross_validate("lite", UCM_JSON, 3, out=tmp_path / "whole", **kw)
+    cross_validate("lite", UCM_JSON, 3, out=tmp_path / "a", only_folds=[2], **kw)
+    cross_validate("lite", UCM_JSON, 3, out=tmp_path / "b", only_folds=[1, 3], **kw)
+    _, part = load_cv_sims(tmp_path / "b")
+    assert {f"sim0_e{e}" for e in (1, 2, 3)} <= set(part)  # a partial run keeps every evaluated epoch
+    with pytest.raises(RsviewerError, match=r"missing: \[1, 3\]"):
+        train_with_cv("lite", UCM_JSON, tmp_path / "m0", 3, merge=[tmp_path / "a"], **kw)
+    other = TrainConfig(**{**TINY_CV, "epochs": 3, "lr": 1e-3})
+    with pytest.raises(RsviewerError, match="lr 0.001"):
+        train_with_cv("lite", UCM_JSON, tmp_path / "m0", 3, model_config=TINY_MODEL, config=other, log=lambda m: None,
+                      merge=[tmp_path / "a", tmp_path / "b"])
+    assert not (tmp_path / "m0").exists()  # refused before any training
+
+    report, res = train_with_cv("lite", UCM_JSON, tmp_path / "m", 3, merge=[tmp_path / "a", tmp_path / "b"], **kw)
+    assert report["curve"] == whole["curve"] and report["chosen_epoch"] == whole["chosen_epoch"]
+    assert report["mR_per_fold"] == whole["mR_per_fold"] and report["complete"] is True
+    _, merged = load_cv_sims(tmp_path / "m")
+    _, ref = load_cv_sims(tmp_path / "whole")
+    assert sorted(merged) == sorted(ref)
+    for key in ref:
+        np.testing.assert_array_equal(merged[key], ref[key])
+    met = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert met["epochs_run"] == whole["chosen_epoch"] and len(met["cv"]["commands"]) == 2
+    load_model(tmp_path / "m")
+
+    from rsviewer.cli.main import main
+
+    rc = main(["train", "--arch", "lite", "--data", str(UCM_JSON), "--out", str(tmp_path / "m2"), "--cv", "3",
+               "--cv-only", "--cv-merge", str(tmp_path / "a")])
+    assert rc == 2 and "error: --cv-merge trains the final model" in capsys.readouterr().err

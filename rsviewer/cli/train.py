@@ -50,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--cv-folds", default=None, metavar="LIST",
                    help="with --cv-only: run only these folds (e.g. 1,5,9; split a CV over several runs); "
                         "the report says which folds it covers")
+    p.add_argument("--cv-merge", nargs="+", default=None, metavar="DIR",
+                   help="with --cv K: merge --cv-only --cv-folds runs of this recipe that together cover every fold "
+                        "(run in parallel, e.g. one per core or machine) and train the final model; no fold is rerun")
     p.add_argument("--fold-seed", type=int, default=0, help="with --cv --folds random: seed of the fold assignment")
     e2e = p.add_argument_group("end-to-end training (the pretrained towers learn too; GPUs, or slowly on CPU)")
     e2e.add_argument("--end-to-end", action="store_true",
@@ -95,6 +98,8 @@ def _run_cv(args, defaults: dict, model_cfg: dict, command: str) -> int:
               command=command, progress=progress_bar(args))
     if args.cv_folds and not args.cv_only:
         raise RsviewerError("--cv-folds needs --cv-only (the final model is chosen from all folds)")
+    if args.cv_merge and args.cv_only:
+        raise RsviewerError("--cv-merge trains the final model from fold runs; --cv-only would train nothing")
     if args.cv_only:
         try:
             only = [int(x) for x in args.cv_folds.split(",")] if args.cv_folds else None
@@ -103,7 +108,7 @@ def _run_cv(args, defaults: dict, model_cfg: dict, command: str) -> int:
         report = cross_validate(args.arch, args.data, args.cv, out=args.out, only_folds=only, **kw)
         res = None
     else:
-        report, res = train_with_cv(args.arch, args.data, args.out, args.cv, **kw)
+        report, res = train_with_cv(args.arch, args.data, args.out, args.cv, merge=args.cv_merge, **kw)
     summary = {"out": args.out, "cv": cv_summary(report)}
     line = (f"cv {args.cv} folds: mR {report['mR_mean']:.2f} ± {report['mR_se']:.2f} (SE) at epoch {report['chosen_epoch']}"
             + (f", TTA {report['tta']['mR_mean']:.2f} ± {report['tta']['mR_se']:.2f}" if "tta" in report else ""))
@@ -119,7 +124,8 @@ def _run_cv(args, defaults: dict, model_cfg: dict, command: str) -> int:
 def run(args) -> int:
     # before feature caching and training (minutes): --resume continues in a folder rsviewer wrote
     # (under torchrun every rank checks, read-only; rank 0 claims the folder in the trainer)
-    check_out_dir(args, args.out, [args.data, args.images], force=args.force or args.resume, kind="model")
+    check_out_dir(args, args.out, [args.data, args.images, *(args.cv_merge or [])], force=args.force or args.resume,
+                  kind="model")
     e2e_only = [f"--{k.replace('_', '-')}" for k in ("image_from", "text_from", "image_lr_scale", "text_lr_scale",
                                                      "accum", "augment", "ram_gb", "workers") if getattr(args, k) is not None]
     if e2e_only and not args.end_to_end:
@@ -151,8 +157,8 @@ def run(args) -> int:
     if args.loss:
         model_cfg["loss"] = args.loss
     command = "rsviewer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.cv_only and not args.cv:
-        raise RsviewerError("--cv-only needs --cv K")
+    if (args.cv_only or args.cv_merge) and not args.cv:
+        raise RsviewerError(f"{'--cv-only' if args.cv_only else '--cv-merge'} needs --cv K")
     if args.cv:
         return _run_cv(args, defaults, model_cfg, command)
     res = train(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, replace
@@ -196,6 +197,17 @@ def cross_validate(
     return report
 
 
+def _union_dataset(data, images, splits: str, cfg: TrainConfig) -> Dataset:
+    """The items of ``splits`` (e.g. train+val) as one dataset, in dataset order."""
+    full = load_dataset(data, images=images)
+    names = [n for n in splits.split("+") if n]
+    if "test" in names:
+        raise RsviewerError("cross-validation never uses the test split")
+    parts = [full.split(n) for n in names]
+    union_ds = Dataset(full.name, full.source, full.format, [it for p in parts for it in p.items], full.images_dir)
+    return _subset(union_ds, cfg.max_train_images, cfg.seed)  # tiny runs (tests)
+
+
 def _cross_validate(arch, data, k, images, model_config, config, splits, fold_seed, tta, log, command, progress, cancel,
                     fold_mode="blocked", only_folds=None, partial_out=None):
     from ..archs.registry import arch_class
@@ -204,13 +216,7 @@ def _cross_validate(arch, data, k, images, model_config, config, splits, fold_se
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t_start = time.time()
     device = pick_device(cfg.device)
-    full = load_dataset(data, images=images)
-    names = [n for n in splits.split("+") if n]
-    if "test" in names:
-        raise RsviewerError("cross-validation never uses the test split")
-    parts = [full.split(n) for n in names]
-    union_ds = Dataset(full.name, full.source, full.format, [it for p in parts for it in p.items], full.images_dir)
-    union_ds = _subset(union_ds, cfg.max_train_images, cfg.seed)  # tiny runs (tests)
+    union_ds = _union_dataset(data, images, splits, cfg)
     union_ds.check_images()
     folds = image_folds(union_ds, k, fold_seed, fold_mode)
     digest = folds_digest(union_ds, folds)
@@ -262,13 +268,19 @@ def _cross_validate(arch, data, k, images, model_config, config, splits, fold_se
         "wall_seconds": round(time.time() - t_start, 1),
         "folds": per_fold,
     })
-    idx = [e["epoch"] for e in report["curve"]].index(report["chosen_epoch"])
+    evaluated = [e["epoch"] for e in report["curve"]]
+    idx = evaluated.index(report["chosen_epoch"])
     arrays = {}
     for f, sims, sims_tta, cap in zip(run, all_sims, all_tta, cap_images):
         f0 = f - 1  # arrays are keyed by 0-based fold index
         arrays[f"sim{f0}"] = sims[idx]
         if sims_tta:
             arrays[f"tta{f0}"] = sims_tta[idx]
+        if len(run) < k:  # a merge of the runs may choose another epoch: keep every evaluated one
+            for j, e in enumerate(evaluated):
+                arrays[f"sim{f0}_e{e}"] = sims[j]
+                if sims_tta:
+                    arrays[f"tta{f0}_e{e}"] = sims_tta[j]
         arrays[f"cap{f0}"] = cap
         arrays[f"images{f0}"] = folds[f0]
     return report, arrays
@@ -328,7 +340,8 @@ def load_cv_sims(folder: str | os.PathLike) -> tuple[dict, dict]:
 
 def cv_summary(report: dict) -> dict:
     """The CV figures a model's metrics.json carries."""
-    keys = ("k", "fold_mode", "fold_seed", "folds_digest", "splits", "chosen_epoch", "mR_mean", "mR_se", "mR_per_fold", "last_epoch", "tta", "curve", "command", "wall_seconds", "load_average")
+    keys = ("k", "fold_mode", "fold_seed", "folds_digest", "splits", "chosen_epoch", "mR_mean", "mR_se", "mR_per_fold",
+            "last_epoch", "tta", "curve", "command", "commands", "wall_seconds", "load_average")
     return {k: report[k] for k in keys if k in report}
 
 
@@ -347,16 +360,24 @@ def train_with_cv(
     command: Optional[str] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
+    merge: Optional[list[str | os.PathLike]] = None,
 ):
     """CV the recipe, then (``final``) retrain on train+val for the chosen epochs into ``out``.
-    The CV report and held-out scores go to ``out`` too."""
+    The CV report and held-out scores go to ``out`` too. ``merge``: folders of
+    ``--cv-only --cv-folds`` runs of this recipe that cover every fold; their merged CV
+    replaces running the folds here (:func:`merge_cv_runs`)."""
     from ..archs.registry import arch_class
 
     cfg = config or TrainConfig.from_dict(dict(getattr(arch_class(arch), "train_defaults", {})))
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
-    report, arrays = _cross_validate(arch, data, k, images, model_config, cfg, "train+val", fold_seed, True, log,
-                                     command, progress, cancel, folds)
+    if merge:
+        report, arrays = merge_cv_runs(merge)
+        check_same_recipe(report, arch, model_config, cfg, _union_dataset(data, images, "train+val", cfg), k, folds,
+                          fold_seed)
+    else:
+        report, arrays = _cross_validate(arch, data, k, images, model_config, cfg, "train+val", fold_seed, True, log,
+                                         command, progress, cancel, folds)
     log(f"cv: mR {report['mR_mean']:.2f} ± {report['mR_se']:.2f} (SE over {k} folds) at epoch {report['chosen_epoch']}"
         + (f"; with TTA {report['tta']['mR_mean']:.2f} ± {report['tta']['mR_se']:.2f}" if "tta" in report else ""))
     result = None
@@ -416,7 +437,7 @@ def ensemble_cv(members: list[tuple[dict, dict]], step: float = 0.1, tta: bool =
         if f"{key}0" not in arr:
             raise RsviewerError(f"{rep.get('command') or 'a member'}: no {'TTA ' if tta else ''}held-out scores stored")
     grid = _simplex(len(members), step)
-    common = sorted(set.intersection(*[{int(x[3:]) for x in arr if x.startswith("sim")} for _, arr in members]))
+    common = sorted(set.intersection(*[{int(m[1]) for x in arr if (m := re.fullmatch(r"sim(\d+)", x))} for _, arr in members]))
     table = np.zeros((len(grid), len(common)))
     for c, f in enumerate(common):
         sims = [arr[f"{key}{f}"].astype(np.float32) for _, arr in members]
@@ -464,3 +485,55 @@ def merge_reports(reports: list[dict]) -> dict:
            "complete": len(per_fold) == reports[0]["k"], "folds": per_fold,
            "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in reports), 1)}
     return out
+
+
+# the fields of a TrainConfig that make the recipe (the rest say where and how it runs)
+RECIPE_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "views", "seed", "eval_every",
+                 "ema", "max_train_images")
+
+
+def merge_cv_runs(folders: list[str | os.PathLike]) -> tuple[dict, dict]:
+    """One complete CV (report, held-out scores) from ``--cv-only --cv-folds`` runs that
+    together cover every fold once: the folds of a CV can then run in parallel (processes,
+    machines). The merged curve chooses the epoch, and each fold's scores at that epoch
+    are taken from the per-epoch scores a partial run keeps."""
+    loaded = [load_cv_sims(f) for f in folders]
+    report = merge_reports([rep for rep, _ in loaded])
+    if not report["complete"]:
+        missing = sorted(set(range(1, report["k"] + 1)) - set(report["folds_run"]))
+        raise RsviewerError(f"the CV runs cover folds {report['folds_run']} of {report['k']}; missing: {missing}")
+    epoch = report["chosen_epoch"]
+    arrays: dict[str, np.ndarray] = {}
+    for folder, (rep, arr) in zip(folders, loaded):
+        for f0 in (f - 1 for f in rep["folds_run"]):
+            for key in ("sim", "tta"):
+                if f"{key}{f0}_e{epoch}" in arr:
+                    arrays[f"{key}{f0}"] = arr[f"{key}{f0}_e{epoch}"]
+                elif f"{key}{f0}" in arr and rep["chosen_epoch"] == epoch:
+                    arrays[f"{key}{f0}"] = arr[f"{key}{f0}"]
+                elif key == "sim" or f"{key}{f0}" in arr:
+                    raise RsviewerError(f"{folder}: fold {f0 + 1} has no held-out scores at the merged CV's epoch {epoch} "
+                                        "(it kept only its own chosen epoch's; rerun that fold)")
+            arrays[f"cap{f0}"] = arr[f"cap{f0}"]
+            arrays[f"images{f0}"] = arr[f"images{f0}"]
+    if not all(f"tta{f - 1}" in arrays for f in report["folds_run"]):  # TTA figures for some folds only: none
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("tta")}
+    report["commands"] = [rep.get("command") for rep, _ in loaded]
+    report["merged_from"] = [str(Path(f).resolve()) for f in folders]
+    return report, arrays
+
+
+def check_same_recipe(report: dict, arch: str, model_config: Optional[dict], cfg: TrainConfig, union_ds: Dataset,
+                      k: int, fold_mode: str, fold_seed: int) -> None:
+    """A final model trained from a merged CV must be the recipe and the folds that CV measured."""
+    got = {"arch": arch, "model_config": model_config or {}, "k": k, "fold_mode": fold_mode, "fold_seed": fold_seed,
+           **{f: getattr(cfg, f) for f in RECIPE_FIELDS}}
+    cv = {"arch": report["arch"], "model_config": report["model_config"], "k": report["k"],
+          "fold_mode": report["fold_mode"], "fold_seed": report["fold_seed"],
+          **{f: report["train_config"].get(f) for f in RECIPE_FIELDS}}
+    differ = [f"{key} {got[key]!r} (CV runs: {cv[key]!r})" for key in got if got[key] != cv[key]]
+    if differ:
+        raise RsviewerError("this command's recipe is not the one the CV runs measured: " + "; ".join(differ))
+    digest = folds_digest(union_ds, image_folds(union_ds, k, fold_seed, fold_mode))
+    if digest != report["folds_digest"]:
+        raise RsviewerError(f"the CV runs were made on other data (folds {report['folds_digest']}, here {digest})")
