@@ -99,7 +99,7 @@ class Clip(RetrievalModel):
         digest = sha256_cached(path)
         if cfg.sha256 and digest != cfg.sha256:
             raise ModelError(f"{path} changed since it was imported (sha256 {digest[:12]}…, expected {cfg.sha256[:12]}…); re-import it")
-        self.tower = _build_tower(cfg, path)
+        self.tower = build_tower(cfg, path)
         self.bases = {"tower": WeightsRef(path=str(path.resolve()), sha256=digest)}
         self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
         self.weights_sha256 = digest
@@ -107,12 +107,12 @@ class Clip(RetrievalModel):
         self.tower_fingerprint = hashlib.sha256((digest + json.dumps(cfg.to_dict(), sort_keys=True)).encode()).hexdigest()[:16]
         self.last_truncated: list[bool] = []
         if self.tower.kind == "hf":
-            self.text = _TextInfo(self.tower.tokenizer, _hf_word_embeddings(self.tower.model))
+            self.text = TextInfo(self.tower.tokenizer, _hf_word_embeddings(self.tower.model))
         else:
             from ..nets.clip.tokenizer import get_tokenizer
 
             self.clip_tokenizer = get_tokenizer(int(cfg.model.get("context_length", cfg.max_tokens)))
-            self.text = _TextInfo(_HFStyle(self.clip_tokenizer), self._token_embedding())
+            self.text = TextInfo(HFStyleTokenizer(self.clip_tokenizer), self._token_embedding())
         if cfg.head != "none":
             self.image_adapter = _adapter(cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
             self.text_adapter = _adapter(cfg.embed_dim, cfg.head, cfg.hidden, cfg.dropout)
@@ -388,7 +388,7 @@ def _adapter(dim: int, kind: str, hidden: int, dropout: float) -> nn.Module:
     return nn.Sequential(*mods)
 
 
-class _TextInfo:
+class TextInfo:
     """What the explain engine and classify read from ``model.text``: a tokenizer with the
     usual HF attributes and the word-embedding layer (not a module: no parameters here)."""
 
@@ -397,7 +397,7 @@ class _TextInfo:
         self.embedding = embedding
 
 
-class _HFStyle:
+class HFStyleTokenizer:
     """The HF tokenizer attributes the explain engine reads, over our CLIP tokenizer."""
 
     def __init__(self, tok):
@@ -425,12 +425,14 @@ def _hf_word_embeddings(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def _build_tower(cfg: ClipConfig, path: Path) -> nn.Module:
+def build_tower(cfg: ClipConfig, path: Path) -> nn.Module:
+    """The CLIP of ``path`` in its format's tower (Hugging Face folder, or OpenAI/open_clip
+    state dict); shared by the ``clip`` architecture and the CLIP branch of cmer and lite."""
     if cfg.layout == "hf":
         from ..nets.clip.hf import HFDualEncoder
 
         return HFDualEncoder(path)
-    from ..nets.clip.openai import build_tower, read_state_dict
+    from ..nets.clip.openai import build_tower as build_openai_tower, read_state_dict
 
     sd = read_state_dict(path)
     model_cfg = cfg.model
@@ -438,7 +440,7 @@ def _build_tower(cfg: ClipConfig, path: Path) -> nn.Module:
         from ..nets.clip.openai import infer_config
 
         model_cfg = infer_config(sd, path.name, cfg.overrides)
-    return build_tower(model_cfg, sd, path.name)
+    return build_openai_tower(model_cfg, sd, path.name)
 
 
 def config_for(path: str | Path, overrides: Optional[dict] = None, caption_prefix: Optional[str] = None) -> tuple[ClipConfig, str]:

@@ -64,7 +64,7 @@ class ClipBranch(nn.Module):
         super().__init__()
         from ..nets.clip.hashing import sha256_cached
         from ..nets.clip.tokenizer import get_tokenizer
-        from .clip import _HFStyle, _build_tower, config_for
+        from .clip import HFStyleTokenizer, build_tower, config_for
 
         p = Path(path).expanduser()
         if not p.exists():
@@ -76,11 +76,11 @@ class ClipBranch(nn.Module):
         if ccfg.layout != "openai-vit":
             raise ModelError(f"{p.name} is a {ccfg.layout} CLIP; --set clip needs a ViT (openai-vit layout)")
         self.clip_cfg = ccfg
-        self.tower = _build_tower(ccfg, self.path)
+        self.tower = build_tower(ccfg, self.path)
         self.ref = WeightsRef(path=str(self.path), sha256=sha256_cached(self.path))
         self.context = int(ccfg.max_tokens)
         self.tokenizer_fn = get_tokenizer(self.context)
-        self.tokenizer = _HFStyle(self.tokenizer_fn)  # what readable_labels/explain read
+        self.tokenizer = HFStyleTokenizer(self.tokenizer_fn)  # what readable_labels/explain read
         vm, tm = self.vision, self.text_model
         self.width = int(vm.config.hidden_size)
         self.blocks = parse_blocks(blocks, len(vm.encoder.layers))
@@ -94,13 +94,13 @@ class ClipBranch(nn.Module):
         """Give ``model`` this CLIP's settings: its absolute path (the saved model finds it from
         any folder), input size, context, normalisation, the ``model.text`` the explain engine
         reads, and the CLIP as the one frozen base."""
-        from .clip import _TextInfo
+        from .clip import TextInfo
 
         cc, cfg = self.clip_cfg, model.cfg
         cfg.clip = str(self.path)
         cfg.image_size, cfg.max_tokens = int(cc.image_size), int(cc.max_tokens)
         model.mean, model.std = tuple(cc.mean), tuple(cc.std)
-        model.text = _TextInfo(self.tokenizer, self.text_model.embeddings.token_embedding)
+        model.text = TextInfo(self.tokenizer, self.text_model.embeddings.token_embedding)
         model.bases = {"clip.tower": self.ref}
 
     @property

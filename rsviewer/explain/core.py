@@ -337,7 +337,7 @@ def word_embedding_layer(model: RetrievalModel) -> Optional[torch.nn.Module]:
     emb = getattr(getattr(bert, "embeddings", None), "word_embeddings", None)
     if isinstance(emb, torch.nn.Module):
         return emb
-    for name in ("embedding", "embed"):  # archs/clip._TextInfo (CLIP towers), GaLR's own embedding
+    for name in ("embedding", "embed"):  # archs/clip.TextInfo (CLIP towers), GaLR's own embedding
         emb = getattr(text, name, None)
         if isinstance(emb, torch.nn.Embedding):
             return emb
