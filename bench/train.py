@@ -7,6 +7,10 @@
 - ``end_to_end``: ``rsviewer train --end-to-end`` itself (every EfficientNet-Lite0 and
   MiniLM weight trainable, real 256 px UCM images, augmentations on tensors), two epochs
   of ``--e2e-images`` images, the second epoch's images/s;
+- ``feature_cache``: ``image_feature_cache`` (what ``rsviewer train`` and ``--cv`` run
+  once per split: the frozen tower's maps of every dihedral view) on ``--cache-images``
+  UCM images of ``--cache-arch``, as shipped (the CPU tower fed ``CPU_MICRO_BATCH``
+  images at a time) and with whole batches of 32 (the code before 2026-12-04), same run;
 - ``reference``: a float32 numpy matmul measured in the same run (GFLOP/s).
 
 Images/s count training images (one caption each) per second; the load average and the
@@ -87,6 +91,34 @@ def bench_end_to_end(images: int, batch: int, device: str) -> dict:
             "images_per_s": res.history[-1]["images_per_second"]}
 
 
+def bench_feature_cache(arch: str, images: int, views: int, reps: int = 2) -> dict:
+    """Images/s of the frozen-feature cache (no disk: ``use_cache=False``), micro-batched as
+    shipped and with whole batches; the two alternate and each keeps its best run."""
+    from rsviewer.archs.registry import create_model
+    from rsviewer.data import load_dataset
+    from rsviewer.train import cache
+
+    data = Path(os.environ.get("RSVIEWER_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "datasets" / "ucm-captions" / "dataset_ucm.json"
+    paths = [it.image for it in load_dataset(data).split("train").items[:images]]
+    model = create_model(arch)
+    model.freeze_bases()
+    shipped = cache.micro_batch
+    best = {"micro_batches": float("inf"), "whole_batches": float("inf")}
+    for _ in range(reps + 1):  # the first round warms both (oneDNN primitives per batch shape)
+        for name, fn in (("micro_batches", shipped), ("whole_batches", lambda device, n, cpu_step=None: n)):
+            cache.micro_batch = fn
+            try:
+                t = time.perf_counter()
+                cache.image_feature_cache(model, paths, views=views, batch_size=32, use_cache=False)
+                best[name] = min(best[name], time.perf_counter() - t)
+            finally:
+                cache.micro_batch = shipped
+    rate = {k: round(images * views / v, 1) for k, v in best.items()}
+    return {"arch": arch, "images": images, "views": views, "batch_size": 32, "micro_batch": cache.micro_batch("cpu", 32),
+            "image_views_per_s": rate["micro_batches"], "whole_batches_image_views_per_s": rate["whole_batches"],
+            "ratio": round(rate["micro_batches"] / rate["whole_batches"], 2)}
+
+
 def reference(n: int = 1024, reps: int = 5) -> dict:
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     s = _timed(lambda: a @ a, 1, reps)
@@ -100,10 +132,21 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-batch", type=int, default=16)
     ap.add_argument("--e2e-images", type=int, default=64)
     ap.add_argument("--device", default="cpu", help="device of the end-to-end run (cpu | cuda)")
+    ap.add_argument("--cache-arch", default="mssa", help="architecture of the feature-cache run (its frozen maps)")
+    ap.add_argument("--cache-images", type=int, default=64)
+    ap.add_argument("--cache-views", type=int, default=4)
+    ap.add_argument("--only-cache", action="store_true", help="run the feature-cache part alone")
     args = ap.parse_args(argv)
     from rsviewer.archs.registry import create_model
 
     torch.manual_seed(0)
+    if args.only_cache:
+        res = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "load_average_before": list(os.getloadavg()), "reference": reference(),
+               "feature_cache": bench_feature_cache(args.cache_arch, args.cache_images, args.cache_views),
+               "load_average_after": list(os.getloadavg())}
+        print(json.dumps(res, indent=None if args.json else 2))
+        return 0
     res = {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
@@ -112,6 +155,7 @@ def main(argv=None) -> int:
         "reference": reference(),
         "cached": bench_cached(create_model("lite"), 128, args.reps * 4),
         "end_to_end": bench_end_to_end(args.e2e_images, args.e2e_batch, args.device),
+        "feature_cache": bench_feature_cache(args.cache_arch, args.cache_images, args.cache_views),
         "load_average_after": list(os.getloadavg()),
     }
     res["end_to_end_vs_cached_slowdown"] = round(res["cached"]["images_per_s"] / res["end_to_end"]["images_per_s"], 1)
