@@ -46,6 +46,22 @@ def test_cv_folds_never_share_an_image():
         image_folds(u, 1)
 
 
+def test_fold_features_are_row_selections_of_the_union_not_copies():
+    from rsviewer.train.cache import RowSelection, gather
+
+    union = {"s8": np.arange(10 * 3 * 2, dtype=np.float16).reshape(10, 3, 2)}
+    rows = np.array([7, 2, 5, 0])
+    fold = {k: RowSelection(v, rows) for k, v in union.items()}
+    assert fold["s8"].shape == (4, 3, 2) and len(fold["s8"]) == 4
+    assert fold["s8"].array is union["s8"]  # shared, not copied
+    batch, views = np.array([3, 1]), np.array([2, 0])
+    got = gather(fold, batch, views)["s8"]
+    want = torch.from_numpy(union["s8"][rows][batch, views].astype(np.float32))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(gather(fold, batch)["s8"], torch.from_numpy(union["s8"][rows][batch].astype(np.float32)))
+    assert np.array_equal(np.asarray(fold["s8"]), union["s8"][rows])
+
+
 @needs_shared()
 def test_cv_then_final_model_on_train_and_val(tmp_path):
     cfg = TrainConfig(**TINY_CV)

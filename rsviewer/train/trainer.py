@@ -44,7 +44,7 @@ from ..retrieval.metrics import retrieval_metrics
 from ..utils.atomic import atomic_file, claim_output_dir
 from ..utils.device import autocast, pick_device
 from ..utils.progress import CancelToken, ProgressFn, check, report
-from .cache import dihedral, gather, image_feature_cache, text_feature_cache
+from .cache import RowSelection, dihedral, gather, image_feature_cache, text_feature_cache
 from .distributed import DistInfo, barrier, setup, teardown
 
 STATE = "train_state.pt"
@@ -176,7 +176,7 @@ class _Split:
         sub = _Split(ds, label_names)
         caps = np.concatenate([self.image_caps[i] for i in rows])
         if self.image_feats is not None:
-            sub.image_feats = {k: np.asarray(v[rows]) for k, v in self.image_feats.items()}
+            sub.image_feats = {k: RowSelection(v, rows) for k, v in self.image_feats.items()}
         if self.text_feats is not None:
             sub.text_feats = {k: np.asarray(v[caps]) for k, v in self.text_feats.items()}
         return sub
@@ -263,7 +263,10 @@ def cache_split(model: RetrievalModel, split: _Split, views: int, device, progre
         split.image_feats = parts[0]  # memory-mapped as read
     else:
         inverse = np.argsort(order)  # back to the split's item order
-        split.image_feats = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+        if np.array_equal(inverse, np.arange(len(inverse))):  # already in order: no second copy
+            split.image_feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            split.image_feats = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
     split.text_feats = split_text_features(model, split, groups, device, progress, cancel, use_cache)
 
 
