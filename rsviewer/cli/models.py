@@ -19,6 +19,7 @@ def run(args) -> int:
             return f" CV mR {r['cv_mR']:6.2f}" + (f" ± {r['cv_se']:.2f}" if r["cv_se"] is not None else "")
         return f"val mR {r['val_mR']:6.2f}" if r["val_mR"] is not None else "val mR      —"
 
-    lines = [f"{r['name']:<16} {r['arch']:<8} {mr(r):<20} {r['path']}" for r in rows]
+    width = max([16] + [len(r["name"]) for r in rows])  # names line up however long
+    lines = [f"{r['name']:<{width}} {r['arch']:<8} {mr(r):<20} {r['path']}" for r in rows]
     emit(args, rows, "\n".join(lines) or "no models found")
     return 0
