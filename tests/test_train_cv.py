@@ -61,6 +61,17 @@ def test_fold_features_are_row_selections_of_the_union_not_copies():
     assert torch.equal(gather(fold, batch)["s8"], torch.from_numpy(union["s8"][rows][batch].astype(np.float32)))
     assert np.array_equal(np.asarray(fold["s8"]), union["s8"][rows])
 
+    # what a CV fold does: its subset of the union's split selects rows of the same arrays
+    from rsviewer.train.trainer import _Split
+
+    ds = load_dataset(GALLERY_JSON)
+    labels = sorted({it.label for it in ds.items if it.label})
+    split = _Split(ds, labels)
+    split.image_feats = {"s8": np.zeros((len(ds), 3, 2), dtype=np.float16)}
+    sub = split.subset(rows, labels)
+    assert isinstance(sub.image_feats["s8"], RowSelection) and sub.image_feats["s8"].array is split.image_feats["s8"]
+    assert sub.image_feats["s8"].shape == (4, 3, 2)
+
 
 @needs_shared()
 def test_cv_then_final_model_on_train_and_val(tmp_path):

@@ -187,10 +187,6 @@ class RowSelection:
     def shape(self) -> tuple:
         return (len(self.rows),) + tuple(self.array.shape[1:])
 
-    @property
-    def dtype(self):
-        return self.array.dtype
-
     def __len__(self) -> int:
         return len(self.rows)
 

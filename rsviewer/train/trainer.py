@@ -262,11 +262,11 @@ def cache_split(model: RetrievalModel, split: _Split, views: int, device, progre
     if len(parts) == 1:
         split.image_feats = parts[0]  # memory-mapped as read
     else:
-        inverse = np.argsort(order)  # back to the split's item order
-        if np.array_equal(inverse, np.arange(len(inverse))):  # already in order: no second copy
-            split.image_feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        else:
-            split.image_feats = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+        stacked = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if not np.array_equal(order, np.arange(len(order))):  # back to the split's item order (else no second copy)
+            inverse = np.argsort(order)
+            stacked = {k: v[inverse] for k, v in stacked.items()}
+        split.image_feats = stacked
     split.text_feats = split_text_features(model, split, groups, device, progress, cancel, use_cache)
 
 
