@@ -191,6 +191,46 @@ def test_auto_and_torch_runtimes(cache):
     assert towers(m, "torch").info()["image"] == "torch" and not list(cache.glob("*.tmp"))
 
 
+def test_encoding_workers_give_the_sequential_results_in_order(default_model, small_gallery, monkeypatch):
+    """ORT batch work runs in one thread per core through the 1-thread sessions; the states
+    must be those of the one-session path, row for row, and progress must still arrive."""
+    from rsviewer.data import load_dataset
+    from rsviewer.retrieval import evaluate
+    import importlib
+
+    rtowers = importlib.import_module("rsviewer.runtime.towers")  # the module (the package exports a function of that name)
+
+    data, images = small_gallery
+    ds = load_dataset(data, images=str(images))
+    paths = [it.image for it in ds.items]
+    texts = [c for it in ds.items for c in it.captions]
+    monkeypatch.setattr(rtowers, "default_threads", lambda: 2)
+    tw = towers(default_model, "onnx")
+    assert tw.workers("image", default_model.image_size) == 2 and tw.workers("text") == 2
+    assert towers(default_model, "torch") is not None and Towers(default_model, "torch").workers("image") == 1
+    seen, threads = [], set()
+    image_states = Towers.image_states
+
+    def spy(self, *a, **kw):
+        import threading
+
+        threads.add(threading.current_thread().name.split("_")[0])
+        return image_states(self, *a, **kw)
+
+    monkeypatch.setattr(Towers, "image_states", spy)
+    par_i = evaluate.encode_images(default_model, paths, batch_size=8, runtime="onnx",
+                                   progress=lambda d, n, m: seen.append(d))
+    par_t = evaluate.encode_texts(default_model, texts, batch_size=8, runtime="onnx")
+    assert seen == [8, 16, 24] and threads == {"rsviewer-encode"}  # ran in the workers
+    monkeypatch.setattr(Towers, "workers", lambda self, tower, size=None: 1)
+    seq_i = evaluate.encode_images(default_model, paths, batch_size=8, runtime="onnx")
+    seq_t = evaluate.encode_texts(default_model, texts, batch_size=8, runtime="onnx")
+    for par, seq in ((par_i, seq_i), (par_t, seq_t)):
+        assert set(par) == set(seq)
+        for k in seq:
+            assert par[k].shape == seq[k].shape and float((par[k] - seq[k]).abs().max()) < 1e-5, k
+
+
 # ---- the compressed scan -------------------------------------------------------------------------
 def test_compressed_scan_top10_matches_float32_on_real_embeddings():
     """The shipped demo index (a float32 index from before the codes existed): its 210 image

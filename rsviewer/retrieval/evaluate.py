@@ -7,6 +7,7 @@ an image's own captions enters its representation.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
@@ -42,12 +43,17 @@ def encode_images(
     cancel: Optional[CancelToken] = None,
     message: str = "encoding images",
     runtime: str = "torch",
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
     """Image states for every path (CPU tensors). ``runtime``: ``torch`` (evaluation's
-    reference path), ``onnx`` or ``auto`` (:mod:`rsviewer.runtime`; index building uses it)."""
+    reference path), ``onnx`` or ``auto`` (:mod:`rsviewer.runtime`; index building uses it).
+    ``precision``: ``fp32``, or ``int8`` for the quantized graphs (runtime/quantize.py)."""
     _check_batch(batch_size)
     device = model.device
-    tw = None if resolve_runtime(runtime, model) == "torch" else towers(model, runtime)
+    tw = _towers(model, runtime, precision)
+    workers = tw.workers("image", model.image_size) if tw is not None and paths else 1
+    if workers > 1:
+        return _encode_images_in_workers(model, tw, paths, batch_size, progress, cancel, message, workers)
     parts = []
     for s in range(0, len(paths), batch_size):
         check(cancel)
@@ -57,6 +63,33 @@ def encode_images(
             parts.append(_image_states(model, tw, pixels[m : m + step]))
         report(progress, min(s + batch_size, len(paths)), len(paths), message)
     return _cat(parts)
+
+
+def _encode_images_in_workers(model, tw, paths, batch_size, progress, cancel, message, workers: int):
+    """:func:`encode_images` with ``workers`` threads, each decoding, resizing and encoding one
+    micro-batch at a time through the tower's 1-thread session (ORT and PIL release the GIL),
+    so decoding overlaps encoding and no intra-op thread pool waits on the others."""
+    step = micro_batch(model.device, batch_size, CPU_MICRO_BATCH)
+
+    def one(chunk):
+        return {k: v.float().cpu() for k, v in tw.image_states(model.preprocess([load_image(p) for p in chunk]),
+                                                              threads=1).items()}
+
+    parts = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="rsviewer-encode") as pool:
+        for s in range(0, len(paths), batch_size):
+            check(cancel)
+            batch = paths[s : s + batch_size]
+            parts += pool.map(one, [batch[m : m + step] for m in range(0, len(batch), step)])
+            report(progress, min(s + batch_size, len(paths)), len(paths), message)
+    return _cat(parts)
+
+
+def _towers(model: RetrievalModel, runtime: str, precision: str):
+    """The runtime's towers, or None for PyTorch (which runs float32 only)."""
+    if precision == "fp32" and resolve_runtime(runtime, model) == "torch":
+        return None
+    return towers(model, runtime, precision)  # int8 in torch is refused there, in one line
 
 
 def _image_states(model: RetrievalModel, tw, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,8 +109,10 @@ def encode_texts(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
     runtime: str = "torch",
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
-    """Text states of every caption (CPU tensors); ``runtime`` as in :func:`encode_images`.
+    """Text states of every caption (CPU tensors); ``runtime`` and ``precision`` as in
+    :func:`encode_images`.
 
     Each distinct string is encoded once (UCM-Captions: 391 distinct among a val split's
     1,050 captions) and the strings go in order of length, so a batch is padded to
@@ -87,19 +122,26 @@ def encode_texts(
     1.25 s in batches of 256 (docs/runtime.md)."""
     _check_batch(batch_size)
     device = model.device
-    tw = None if resolve_runtime(runtime, model) == "torch" else towers(model, runtime)
+    tw = _towers(model, runtime, precision)
     uniq, inverse = _distinct_by_length([t if t.strip() else "." for t in texts])
-    parts = []
-    for s in range(0, len(uniq), batch_size):
-        check(cancel)
-        chunk = uniq[s : s + batch_size]
-        if tw is not None:
-            st = tw.text_states(chunk, threads=default_threads())  # batch work: all cores
+    workers = tw.workers("text") if tw is not None and len(uniq) > batch_size else 1
+
+    def one(chunk):
+        if tw is not None:  # batch work: all cores, as one session's threads or as workers
+            st = tw.text_states(chunk, threads=1 if workers > 1 else default_threads())
         else:
             with autocast(device):
                 st = model.text_states(chunk)
-        parts.append({k: v.float().cpu() for k, v in st.items()})
-        report(progress, min(s + batch_size, len(uniq)), len(uniq), "encoding captions")
+        return {k: v.float().cpu() for k, v in st.items()}
+
+    parts = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="rsviewer-encode") as pool:
+        run = pool.map if workers > 1 else map  # one worker: this thread (grad mode etc. are per thread)
+        group = batch_size * workers  # one batch per worker between progress reports
+        for s in range(0, len(uniq), group):
+            check(cancel)
+            parts += run(one, [uniq[b : b + batch_size] for b in range(s, min(s + group, len(uniq)), batch_size)])
+            report(progress, min(s + group, len(uniq)), len(uniq), "encoding captions")
     if not parts:  # no captions: zero rows shaped like one caption's states
         with autocast(device):
             return {k: v[:0].float().cpu() for k, v in model.text_states(["."]).items()}

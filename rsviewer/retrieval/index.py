@@ -33,6 +33,8 @@ from ..data import Dataset, load_dataset
 from ..errors import IndexError_, RsviewerError
 from ..utils.atomic import atomic_dir, check_output_dir, write_json
 from ..utils.progress import CancelToken, ProgressFn
+from ..runtime import resolve_runtime, towers
+from ..runtime.towers import check_runtime_precision
 from .evaluate import encode_images, encode_texts
 
 INDEX_FORMAT = "rsviewer-index/1"
@@ -131,12 +133,16 @@ def build_index(
     skip_missing: bool = False,
     overwrite: bool = False,
     runtime: str = "auto",
+    precision: str = "fp32",
 ) -> GalleryIndex:
     """Encode a gallery (dataset file or image folder); write it to ``out`` if given.
 
     ``out`` is checked before any encoding: it must be absent or empty, or (with
     ``overwrite``) an index rsviewer wrote, and must not be or contain the gallery.
-    ``runtime``: ``auto`` | ``onnx`` | ``torch`` for the frozen towers (:mod:`rsviewer.runtime`)."""
+    ``runtime``: ``auto`` | ``onnx`` | ``torch`` for the frozen towers (:mod:`rsviewer.runtime`).
+    ``precision``: ``fp32``, or ``int8`` — the quantized towers, faster on any CPU at a measured
+    cost in fidelity (docs/runtime.md); ``index.json`` records what each tower ran at."""
+    check_runtime_precision(resolve_runtime(runtime, model), precision)  # before the output folder is claimed
     ds = data if isinstance(data, Dataset) else load_dataset(data, images=images)
     inputs = [ds.source, getattr(ds, "images_dir", None)]
     if out is not None:
@@ -152,10 +158,11 @@ def build_index(
     t0 = time.time()
     model.eval()
     img = encode_images(model, [it.image for it in ds.items], batch_size, progress, cancel, "indexing images",
-                        runtime=runtime)
+                        runtime=runtime, precision=precision)
     captions, cap_image = ds.flat_captions()
     if captions:
-        txt = encode_texts(model, captions, progress=progress, cancel=cancel, runtime=runtime)["emb"].numpy()
+        txt = encode_texts(model, captions, progress=progress, cancel=cancel, runtime=runtime,
+                           precision=precision)["emb"].numpy()
     else:
         txt = np.zeros((0, model.embed_dim), np.float32)
     emb = img.pop("emb").numpy().astype(np.float32)
@@ -174,6 +181,8 @@ def build_index(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.time() - t0, 2),
     }
+    if precision != "fp32":
+        meta["precision"] = towers(model, runtime, precision).precisions()
     index = GalleryIndex(None, meta, items, emb, txt.astype(np.float32), cap_image.astype(np.int64),
                          {k: v.numpy() for k, v in img.items()})
     if out is not None:

@@ -7,6 +7,7 @@ PyTorch); training, Grad-CAM and anything with gradients stays in PyTorch.
 
 - :mod:`.export` — the ONNX export, its cache and the parity check
 - :mod:`.towers` — sessions, the ``torch|onnx|auto`` choice, thread counts, ``warm_up``
+- :mod:`.quantize` — ``precision="int8"``: quantized copies of the exports, with their fidelity
 """
 from .towers import RUNTIMES, Towers, ort_available, resolve_runtime, towers, warm_up
 

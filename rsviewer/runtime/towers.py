@@ -144,11 +144,13 @@ def _session(path, device, threads: int, backend: str = "onnx"):
 class Towers:
     """The frozen towers of one model in one runtime (see the module docstring)."""
 
-    def __init__(self, model, runtime: str = "auto"):
+    def __init__(self, model, runtime: str = "auto", precision: str = "fp32"):
         self.model = model
         self.runtime = resolve_runtime(runtime, model)
+        self.precision = check_runtime_precision(self.runtime, precision)
         self.reasons: dict[str, str] = {}
         self.parity: dict[str, dict] = {}
+        self.int8: dict[str, dict] = {}  # tower → the int8 graph's fidelity, or why it runs float32
         self._sessions: dict[tuple, object] = {}
         self._meta: dict[str, dict] = {}
         self._lock = threading.Lock()
@@ -176,10 +178,14 @@ class Towers:
                 path, meta = None, {"reason": f"export needs the onnx package ({e.name})"}
             if path is None:
                 self.reasons[key] = meta.get("reason", "export unavailable")
+                if self.precision == "int8":
+                    self.int8[tower] = {"precision": "fp32", "reason": f"runs in PyTorch: {self.reasons[key]}"}
                 log.warning("rsviewer: %s %s tower runs in PyTorch: %s", self.model.arch, tower, self.reasons[key])
                 return None
             self._meta[tower] = meta
             self.parity[tower] = meta.get("parity") or {}
+            if self.precision == "int8" and tower in ("image", "text"):
+                path = self._int8(tower, size, path, meta)
             try:
                 sess = _session(path, self.model.device, threads, self.runtime)
             except Exception as e:  # noqa: BLE001 — a graph the runtime cannot load: torch
@@ -188,6 +194,33 @@ class Towers:
                 return None
             self._sessions[skey] = sess
             return sess
+
+    def _int8(self, tower: str, size: Optional[int], path, meta: dict):
+        """The int8 graph derived from the float32 export ``path`` (runtime/quantize.py), or
+        ``path`` itself, with one logged line, when it does not quantize or is not faithful."""
+        from .quantize import cached_int8
+
+        q, qmeta = cached_int8(self.model, tower, size, path, meta)
+        if q is None:
+            self.int8[tower] = {"precision": "fp32", "reason": qmeta.get("reason", "int8 unavailable")}
+            log.warning("rsviewer: %s %s tower runs in float32: %s", self.model.arch, tower, self.int8[tower]["reason"])
+            return path
+        self.int8[tower] = {"precision": "int8", "fidelity": qmeta.get("fidelity", {})}
+        return q
+
+    def workers(self, tower: str, size: Optional[int] = None) -> int:
+        """How many threads batch work should call this tower from at once, each through the
+        tower's 1-thread session (``threads=1``). Measured on the demo index (2-core EPYC,
+        docs/runtime.md): two threads sharing a 1-thread session ran the image tower in
+        1.1–1.2 s, one 2-thread session in 1.5–2.5 s; ORT sessions take concurrent calls.
+        Only for ONNX Runtime on the CPU with the graph loaded; else 1 (torch, OpenVINO)."""
+        if self.runtime != "onnx" or self.model.device.type != "cpu" or default_threads() < 2:
+            return 1
+        return default_threads() if self._get(tower, size, 1) is not None else 1
+
+    def precisions(self) -> dict[str, str]:
+        """The precision each tower ran at so far: ``{"image": "int8"|"fp32", "text": ...}``."""
+        return {t: self.int8.get(t, {}).get("precision", "fp32") for t in ("image", "text")}
 
     # -- towers --------------------------------------------------------------------------
     @torch.no_grad()
@@ -261,6 +294,8 @@ class Towers:
         out = {"runtime": self.runtime, "image": where("image"), "text": where("text")}
         if "maps" in self._meta or any(t == "maps" for t, _ in self.reasons):
             out["maps"] = where("maps")
+        if self.precision != "fp32":
+            out.update(precision=self.precisions(), int8=self.int8)
         return {**out, "parity": self.parity}
 
 
@@ -270,10 +305,20 @@ class MemberTowers:
     fallback — and the model combines their states, so an ensemble of exportable models
     runs in ONNX Runtime without a graph of its own. Same interface as :class:`Towers`."""
 
-    def __init__(self, model, runtime: str = "auto"):
+    def __init__(self, model, runtime: str = "auto", precision: str = "fp32"):
         self.model = model
         self.runtime = resolve_runtime(runtime, model)
-        self.members = [towers(m, runtime) for m in model.runtime_members]
+        self.precision = check_runtime_precision(self.runtime, precision)
+        self.members = [towers(m, runtime, precision) for m in model.runtime_members]
+
+    def workers(self, tower: str, size: Optional[int] = None) -> int:
+        """As :meth:`Towers.workers`, when every member's tower runs in ONNX Runtime."""
+        return min(tw.workers(tower, size) for tw in self.members)
+
+    def precisions(self) -> dict[str, str]:
+        """Per tower: the precision every member ran at, or ``mixed``."""
+        per = [tw.precisions() for tw in self.members]
+        return {t: (per[0][t] if len({p[t] for p in per}) == 1 else "mixed") for t in ("image", "text")}
 
     @torch.no_grad()
     def image_states(self, pixels: torch.Tensor, threads: Optional[int] = None) -> dict[str, torch.Tensor]:
@@ -301,28 +346,44 @@ class MemberTowers:
         out = {"runtime": self.runtime}
         for tower in ("image", "text"):
             out[tower] = "; ".join(f"{name}: {i[tower]}" for name, i in infos)
+        if self.precision != "fp32":
+            out.update(precision=self.precisions(), int8={name: i.get("int8", {}) for name, i in infos})
         return {**out, "parity": {name: i["parity"] for name, i in infos}}
 
 
-def towers(model, runtime: str = "auto"):
-    """The memoised :class:`Towers` of ``model`` for ``runtime`` (:class:`MemberTowers`
-    for a model made of members)."""
+def check_runtime_precision(runtime: str, precision: str) -> str:
+    """``precision`` if the resolved ``runtime`` can run it: int8 graphs need ONNX Runtime or
+    OpenVINO (they are derived from the ONNX exports)."""
+    from .quantize import check_precision
+
+    check_precision(precision)
+    if precision == "int8" and runtime not in GRAPH_RUNTIMES:
+        raise RuntimeError_("precision int8 runs the quantized ONNX graphs: use --runtime auto or onnx, "
+                            "with ONNX Runtime installed and the model on the CPU")
+    return precision
+
+
+def towers(model, runtime: str = "auto", precision: str = "fp32"):
+    """The memoised :class:`Towers` of ``model`` for ``runtime`` and ``precision``
+    (:class:`MemberTowers` for a model made of members)."""
     name = resolve_runtime(runtime, model)
+    key = name if precision == "fp32" else (name, precision)
     with _lock:
         per = _towers.setdefault(model, {})
-        tw = per.get(name)
+        tw = per.get(key)
     if tw is None:  # outside the lock: MemberTowers makes its members' towers through towers()
         kind = MemberTowers if hasattr(model, "runtime_members") else Towers
-        made = kind(model, name)
+        made = kind(model, name, precision)
         with _lock:
-            tw = per.setdefault(name, made)
+            tw = per.setdefault(key, made)
     return tw
 
 
-def warm_up(model, runtime: str = "auto") -> dict:
-    """Load (exporting once per model fingerprint) both towers and run each once, so the
-    first user query is warm. Returns :meth:`Towers.info`. Safe to call from a worker thread."""
-    tw = towers(model, runtime)
+def warm_up(model, runtime: str = "auto", precision: str = "fp32") -> dict:
+    """Load (exporting once per model fingerprint, quantizing once for ``int8``) both towers
+    and run each once, so the first user query is warm. Returns :meth:`Towers.info`. Safe to
+    call from a worker thread."""
+    tw = towers(model, runtime, precision)
     if tw.runtime in GRAPH_RUNTIMES:
         tw.prepare([("text", None), ("image", model.image_size)])  # one child for both (the app)
     tw.text_states(["a warm-up query"])
