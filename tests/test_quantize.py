@@ -48,7 +48,10 @@ def test_int8_index_of_real_images_agrees_with_fp32(default_model, small_gallery
     assert fid["mean_cos"] >= quantize.MIN_MEAN_COS and fid["rows"] >= 8
 
 
-def test_int8_cache_hit_skips_quantizing_and_damage_rebuilds(cache, monkeypatch, caplog):
+def test_int8_cache_hit_skips_quantizing_and_damage_rebuilds(cache, tmp_path, monkeypatch, caplog):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # quantizing writes into the cache only, never the current folder
     m = Tiny()
     tw = Towers(m, "onnx", "int8")
     x = _pixels(m, 4)
@@ -62,10 +65,10 @@ def test_int8_cache_hit_skips_quantizing_and_damage_rebuilds(cache, monkeypatch,
     def boom(*a, **k):
         raise AssertionError("quantized again on a cache hit")
 
+    real = quantize.build_int8
     monkeypatch.setattr(quantize, "build_int8", boom)
     Towers(m, "onnx", "int8").image_states(x)
-    monkeypatch.undo()
-    monkeypatch.setenv("RSVIEWER_CACHE", str(cache.parent))
+    monkeypatch.setattr(quantize, "build_int8", real)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the sha256 sees it
     path.write_bytes(bytes(data))
@@ -74,6 +77,7 @@ def test_int8_cache_hit_skips_quantizing_and_damage_rebuilds(cache, monkeypatch,
         tw2.image_states(x)
     assert "damaged" in caplog.text and tw2.precisions()["image"] == "int8"
     assert rexport._sha256(path) == json.loads(side.read_text())["sha256"]  # rebuilt, not left damaged
+    assert not list(work.iterdir())
 
 
 def test_unfaithful_int8_is_refused_and_runs_fp32(cache, monkeypatch, caplog):
